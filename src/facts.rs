@@ -1,0 +1,153 @@
+//! The typed account of one forwarded call: what was asked, what Milvus answered, how long
+//! it took. Built by the proxy, handed to a [`crate::record::Recorder`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use http::uri::PathAndQuery;
+use uuid::Uuid;
+
+use crate::milvus::Rpc;
+
+/// Database Milvus uses when a call names none.
+pub const DEFAULT_DATABASE: &str = "default";
+
+#[derive(Debug, Clone)]
+pub struct CallFacts {
+    /// Time-ordered (v7), so ids sort like the calls they name.
+    pub id: Uuid,
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    pub method: Method,
+    /// From the body's `db_name`, else the `dbname` header, else [`DEFAULT_DATABASE`].
+    pub database: String,
+    pub request: RequestFacts,
+    pub reply: ReplyDetail,
+    pub outcome: Outcome,
+    /// gRPC-framed bytes as they crossed the sidecar (compressed, if they were).
+    pub request_bytes: u64,
+    pub reply_bytes: u64,
+    pub client: Client,
+}
+
+/// The called method. Kept as the request's path (a cheap, shared clone) so that methods
+/// this build has never heard of are still named exactly.
+#[derive(Debug, Clone)]
+pub struct Method {
+    pub rpc: Option<Rpc>,
+    pub path: PathAndQuery,
+}
+
+impl Method {
+    /// The last path segment: `Search` for `/milvus.proto.milvus.MilvusService/Search`.
+    pub fn name(&self) -> &str {
+        let path = self.path.path();
+        path.rsplit_once('/').map_or(path, |(_, name)| name)
+    }
+}
+
+/// Who called, as far as the transport and headers tell.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    pub peer: Option<SocketAddr>,
+    pub user_agent: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
+}
+
+/// What the request body said, read through a view. Empty for calls not inspected.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestFacts {
+    pub database: Option<String>,
+    pub collection: Option<String>,
+    pub partitions: Vec<String>,
+    pub detail: RequestDetail,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum RequestDetail {
+    #[default]
+    None,
+    Search(SearchFacts),
+    Query {
+        filter: String,
+        output_fields: Vec<String>,
+        limit: Option<i64>,
+    },
+    Insert {
+        rows: u64,
+    },
+    Delete {
+        filter: String,
+    },
+    CreateCollection {
+        /// Serialized `schema.CollectionSchema`, kept for the store to read later.
+        schema: Vec<u8>,
+        shards: i32,
+    },
+    Rename {
+        new_name: String,
+        new_database: Option<String>,
+    },
+    Index {
+        field_name: String,
+        index_name: String,
+        params: Vec<(String, String)>,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SearchFacts {
+    pub nq: i64,
+    /// From `topk` or `limit` in the search parameters.
+    pub top_k: Option<i64>,
+    pub filter: String,
+    pub output_fields: Vec<String>,
+    pub params: Vec<(String, String)>,
+    /// Number of sub-searches of a HybridSearch; 0 for a plain Search.
+    pub sub_searches: usize,
+}
+
+/// What the reply body said beyond its status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ReplyDetail {
+    #[default]
+    None,
+    Search {
+        num_queries: i64,
+        top_k: i64,
+        /// Hits over all queries (sum of `topks`).
+        hits: i64,
+    },
+    Mutation {
+        inserted: i64,
+        deleted: i64,
+        upserted: i64,
+    },
+}
+
+/// How the call ended: the gRPC status and, inside an OK reply, Milvus's own status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub grpc: tonic::Code,
+    /// Milvus's `code` (or legacy `error_code` when `code` is 0); 0 is success.
+    pub milvus_code: i32,
+    /// The gRPC message or Milvus's reason.
+    pub message: Option<String>,
+}
+
+impl Outcome {
+    pub fn grpc(code: tonic::Code, message: impl Into<String>) -> Self {
+        Outcome { grpc: code, milvus_code: 0, message: Some(message.into()) }
+    }
+
+    pub fn is_success(&self) -> bool {
+        self.grpc == tonic::Code::Ok && self.milvus_code == 0
+    }
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome { grpc: tonic::Code::Ok, milvus_code: 0, message: None }
+    }
+}

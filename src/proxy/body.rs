@@ -1,0 +1,56 @@
+//! The one body type the proxy sends in either direction.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::observe::Observed;
+
+/// Every variant is `Unpin`, so polling needs no pin projection.
+#[derive(Default)]
+pub enum Body {
+    /// A reply the sidecar composed itself: status in headers, no body.
+    #[default]
+    Empty,
+    /// A request the sidecar read whole to inspect; these are its original bytes.
+    Full(Option<Bytes>),
+    /// A request streamed through untouched.
+    Raw(Incoming),
+    /// A reply streamed back to the client while it is being observed.
+    Observed(Observed),
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::Raw(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Observed(inner) => Pin::new(inner).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(data) => data.is_none(),
+            Body::Raw(inner) => inner.is_end_stream(),
+            Body::Observed(inner) => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Body::Raw(inner) => inner.size_hint(),
+            Body::Observed(inner) => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The sidecar's own reasons to answer a call itself, and the gRPC status each one gets.
+//! Replies from Milvus are never rewritten; only these are composed here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream Milvus at {upstream} is unavailable: {reason}")]
+    UpstreamUnavailable { upstream: Arc<str>, reason: String },
+
+    #[error("upstream Milvus at {upstream} did not answer within {after:?}")]
+    UpstreamTimeout { upstream: Arc<str>, after: Duration },
+
+    #[error(
+        "{method} message of {size} bytes exceeds the sidecar's limit of {limit} bytes \
+         (--max-message-bytes / MILVUS_SIDECAR_MAX_MESSAGE_BYTES)"
+    )]
+    TooLarge { method: &'static str, size: u64, limit: usize },
+
+    #[error("the sidecar cannot read {encoding:?}-compressed messages; send them uncompressed or with gzip")]
+    UnsupportedEncoding { encoding: String },
+
+    #[error("{method}: request body is not a valid milvus.proto.milvus.{method}Request ({reason})")]
+    Malformed { method: &'static str, reason: String },
+
+    #[error("the client went away before its request was complete: {0}")]
+    ClientGone(String),
+}
+
+impl ProxyError {
+    /// Every variant names its code here; a new variant does not compile until it has one.
+    pub fn code(&self) -> Code {
+        match self {
+            ProxyError::UpstreamUnavailable { .. } => Code::Unavailable,
+            ProxyError::UpstreamTimeout { .. } => Code::DeadlineExceeded,
+            ProxyError::TooLarge { .. } => Code::ResourceExhausted,
+            ProxyError::UnsupportedEncoding { .. } => Code::Unimplemented,
+            ProxyError::Malformed { .. } => Code::InvalidArgument,
+            ProxyError::ClientGone(_) => Code::Cancelled,
+        }
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        tonic::Status::new(self.code(), self.to_string())
+    }
+}
+
+/// Formats an error with its chain of causes, which is where hyper keeps the useful part
+/// ("client error (Connect)" alone says nothing; "Connection refused" does).
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,203 @@
+//! Watching a reply stream back to the client, and turning what was seen into call facts.
+//!
+//! Frames pass through as they arrive (no added latency). For inspected calls the reply's
+//! message is gathered on the side to be read through a view once the call is over. The
+//! facts are recorded when the call ends, however it ends: completed, broken off by the
+//! upstream, or abandoned by the client (the body is dropped).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use tonic::Code;
+
+use super::grpc::{self, Gathered};
+use crate::facts::{CallFacts, Outcome};
+use crate::milvus::{Reply, views};
+use crate::record::Recorder;
+
+/// A call whose facts will be recorded exactly once, when this is dropped.
+pub struct Pending(Option<Box<InFlight>>);
+
+pub struct InFlight {
+    pub facts: CallFacts,
+    pub started: Instant,
+    pub recorder: Arc<dyn Recorder>,
+    /// Set once a gRPC status was seen; a call dropped without one was cancelled.
+    pub finished: bool,
+    /// How to read the reply, for inspected calls.
+    pub reply: Option<ReplyCapture>,
+}
+
+pub struct ReplyCapture {
+    pub kind: Reply,
+    pub encoding: Option<HeaderValue>,
+    pub limit: usize,
+    pub gathered: Gathered,
+    /// The reply outgrew `limit`: it still streams through, unread.
+    pub overflowed: bool,
+}
+
+impl Pending {
+    pub fn new(call: InFlight) -> Self {
+        Pending(Some(Box::new(call)))
+    }
+
+    /// Ends the call now with `outcome` (for replies the sidecar composes itself).
+    pub fn finish(mut self, outcome: Outcome) {
+        if let Some(call) = self.0.as_mut() {
+            call.facts.outcome = outcome;
+            call.finished = true;
+        }
+    }
+
+    fn call(&mut self) -> Option<&mut InFlight> {
+        self.0.as_deref_mut()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take() {
+            call.complete();
+        }
+    }
+}
+
+impl InFlight {
+    fn on_headers(&mut self, status: http::StatusCode, headers: &HeaderMap) {
+        if status != http::StatusCode::OK {
+            let outcome = Outcome::grpc(grpc::code_for_http(status), format!("upstream answered HTTP {status}"));
+            self.end_with(outcome);
+        } else if let Some(outcome) = grpc::outcome_in(headers) {
+            // Trailers-only reply: the status came with the headers.
+            self.end_with(outcome);
+        } else if let Some(capture) = self.reply.as_mut() {
+            capture.encoding = headers.get("grpc-encoding").cloned();
+        }
+    }
+
+    fn on_data(&mut self, data: &Bytes) {
+        self.facts.reply_bytes += data.len() as u64;
+        let Some(capture) = self.reply.as_mut().filter(|c| !c.overflowed) else { return };
+        if capture.gathered.len() + data.len() > capture.limit + grpc::HEADER_LEN {
+            capture.overflowed = true;
+            capture.gathered = Gathered::Empty;
+            return;
+        }
+        let expected = grpc::declared_len(capture.gathered.as_slice())
+            .or_else(|| grpc::declared_len(data))
+            .map_or(0, |n| n + grpc::HEADER_LEN);
+        capture.gathered.push(data.clone(), expected);
+    }
+
+    fn end_with(&mut self, outcome: Outcome) {
+        self.facts.outcome = outcome;
+        self.finished = true;
+    }
+
+    fn complete(mut self: Box<Self>) {
+        if !self.finished {
+            self.facts.outcome =
+                Outcome::grpc(Code::Cancelled, "the client cancelled the call before its reply was complete");
+        }
+        if let Some(capture) = self.reply.take()
+            && self.facts.outcome.grpc == Code::Ok
+        {
+            self.read_reply(capture);
+        }
+        self.facts.duration = self.started.elapsed();
+        self.recorder.record(self.facts);
+    }
+
+    fn read_reply(&mut self, capture: ReplyCapture) {
+        if capture.overflowed || capture.gathered.is_empty() {
+            return;
+        }
+        let method = self.facts.method.name();
+        let read = grpc::first_message(capture.gathered.as_slice(), capture.encoding.as_ref(), capture.limit)
+            .map_err(|e| format!("{e:?}"))
+            .and_then(|msg| views::read_reply(capture.kind, &msg, &mut self.facts.outcome).map_err(|e| e.to_string()));
+        match read {
+            Ok(detail) => self.facts.reply = detail,
+            // The client got Milvus's reply as it was; only our account of it is partial.
+            Err(e) => tracing::warn!(method, error = %e, "could not read the upstream's reply"),
+        }
+    }
+}
+
+/// A reply body from the upstream, observed on its way to the client.
+pub struct Observed {
+    inner: Incoming,
+    call: Pending,
+    upstream: Arc<str>,
+    /// Set after the sidecar ended the stream itself (upstream failure).
+    ended: bool,
+}
+
+impl Observed {
+    pub fn new(
+        status: http::StatusCode,
+        headers: &HeaderMap,
+        inner: Incoming,
+        mut call: Pending,
+        upstream: Arc<str>,
+    ) -> Self {
+        if let Some(c) = call.call() {
+            c.on_headers(status, headers);
+        }
+        Observed { inner, call, upstream, ended: false }
+    }
+
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Poll::Ready(Some(Ok(self.broken_off(&e)))),
+            None => return Poll::Ready(None),
+        };
+        if let Some(call) = self.call.call() {
+            if let Some(data) = frame.data_ref() {
+                call.on_data(data);
+            } else if let Some(trailers) = frame.trailers_ref() {
+                let outcome = grpc::outcome_in(trailers)
+                    .unwrap_or_else(|| Outcome::grpc(Code::Internal, "upstream ended the reply without a grpc-status"));
+                call.end_with(outcome);
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    /// The upstream failed mid-reply: end the client's stream with a proper gRPC status in
+    /// trailers rather than a bare stream reset, so the client sees why.
+    fn broken_off(&mut self, err: &hyper::Error) -> Frame<Bytes> {
+        self.ended = true;
+        let status = tonic::Status::unavailable(format!(
+            "upstream Milvus at {} broke off the reply: {}",
+            self.upstream,
+            super::error::chain(err)
+        ));
+        if let Some(call) = self.call.call() {
+            call.end_with(Outcome::grpc(status.code(), status.message()));
+        }
+        let mut trailers = HeaderMap::new();
+        // `add_header` only fails on a message that cannot be encoded, which ours can.
+        let _ = status.add_header(&mut trailers);
+        Frame::trailers(trailers)
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

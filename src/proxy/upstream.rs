@@ -1,0 +1,103 @@
+//! The connection to the upstream Milvus proxy: one multiplexed HTTP/2 client that
+//! reconnects by itself when Milvus comes back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::body::Body;
+use super::error::{ProxyError, chain};
+use crate::config::Config;
+use crate::milvus::SERVICE_PREFIX;
+
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    /// The configured address, for messages that tell the caller what was unreachable.
+    name: Arc<str>,
+    /// Longest wait for reply headers when the client gave no deadline.
+    timeout: Option<Duration>,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.upstream_connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            // Large inserts need big windows to stream at loopback speed.
+            .http2_adaptive_window(true)
+            .http2_max_frame_size(Some(1 << 20))
+            // Detect a silently dead Milvus connection instead of waiting on it forever.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .build(connector);
+        let uri = &config.upstream;
+        Upstream {
+            client,
+            scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: uri.authority().cloned().expect("config validated the upstream has an authority"),
+            name: Arc::from(uri.to_string().trim_end_matches('/')),
+            timeout: config.upstream_timeout,
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Sends the call on, with its headers as they came, and waits for the reply headers
+    /// no longer than `deadline` (the client's) or the configured timeout.
+    pub async fn send(
+        &self,
+        mut request: Request<Body>,
+        deadline: Option<Duration>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and the original path form a URI");
+        *request.version_mut() = http::Version::HTTP_2;
+
+        let call = self.client.request(request);
+        let limit = match (deadline, self.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let reply = match limit {
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout { upstream: self.name.clone(), after: limit })?,
+            None => call.await,
+        };
+        reply.map_err(|e| ProxyError::UpstreamUnavailable { upstream: self.name.clone(), reason: chain(&e) })
+    }
+
+    /// Whether the upstream answers gRPC at all: any gRPC reply to `GetVersion` counts
+    /// (Milvus with authentication on refuses it, which still proves it is up).
+    pub async fn probe(&self, within: Duration) -> Result<(), String> {
+        let request = Request::post(format!("{SERVICE_PREFIX}GetVersion"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Body::Full(Some(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]))))
+            .expect("static request is valid");
+        let reply = self.send(request, Some(within)).await.map_err(|e| e.to_string())?;
+        if reply.status() == http::StatusCode::OK {
+            Ok(())
+        } else {
+            Err(format!("upstream Milvus at {} answered HTTP {}", self.name, reply.status()))
+        }
+    }
+}
