@@ -52,10 +52,11 @@ rpcs! {
     DropPartition => Partition, BareStatus;
     LoadPartitions => Partitions, BareStatus;
     ReleasePartitions => Partitions, BareStatus;
-    CreateIndex => Index, BareStatus;
-    AlterIndex => Index, BareStatus;
-    DropIndex => Index, BareStatus;
-    DescribeIndex => Index, StatusField;
+    DescribeCollection => Collection, StatusField;
+    CreateIndex => CreateIndex, BareStatus;
+    AlterIndex => AlterIndex, BareStatus;
+    DropIndex => IndexName, BareStatus;
+    DescribeIndex => IndexName, StatusField;
     CreateDatabase => Database, BareStatus;
     DropDatabase => Database, BareStatus;
 }
@@ -73,8 +74,32 @@ pub enum Request {
     Collection,
     Partition,
     Partitions,
-    Index,
+    CreateIndex,
+    AlterIndex,
+    IndexName,
     Database,
+}
+
+impl Request {
+    /// The message in `proto/views.proto` this request is read as.
+    pub const fn view(self) -> &'static str {
+        match self {
+            Request::Search => "SearchRequest",
+            Request::HybridSearch => "HybridSearchRequest",
+            Request::Query => "QueryRequest",
+            Request::Insert => "InsertRequest",
+            Request::Delete => "DeleteRequest",
+            Request::CreateCollection => "CreateCollectionRequest",
+            Request::RenameCollection => "RenameCollectionRequest",
+            Request::Collection => "CollectionRequest",
+            Request::Partition => "PartitionRequest",
+            Request::Partitions => "PartitionsRequest",
+            Request::CreateIndex => "CreateIndexRequest",
+            Request::AlterIndex => "AlterIndexRequest",
+            Request::IndexName => "IndexNameRequest",
+            Request::Database => "DatabaseRequest",
+        }
+    }
 }
 
 /// Where a reply keeps its Milvus status.
@@ -86,6 +111,18 @@ pub enum Reply {
     StatusField,
     SearchResults,
     Mutation,
+}
+
+impl Reply {
+    /// The message in `proto/views.proto` this reply is read as.
+    pub const fn view(self) -> &'static str {
+        match self {
+            Reply::BareStatus => "Status",
+            Reply::StatusField => "StatusReply",
+            Reply::SearchResults => "SearchResults",
+            Reply::Mutation => "MutationResult",
+        }
+    }
 }
 
 impl Rpc {

@@ -70,13 +70,28 @@ pub fn read_request(kind: Request, msg: &[u8]) -> Result<RequestFacts, prost::De
             let r = PartitionsRequest::decode(msg)?;
             scoped(r.db_name, r.collection_name, r.partition_names, RequestDetail::None)
         }
-        Request::Index => {
-            let r = IndexRequest::decode(msg)?;
+        Request::CreateIndex => {
+            let r = CreateIndexRequest::decode(msg)?;
             let detail = RequestDetail::Index {
                 field_name: r.field_name,
                 index_name: r.index_name,
                 params: pairs(r.extra_params),
             };
+            scoped(r.db_name, r.collection_name, Vec::new(), detail)
+        }
+        Request::AlterIndex => {
+            let r = AlterIndexRequest::decode(msg)?;
+            let detail = RequestDetail::Index {
+                field_name: String::new(),
+                index_name: r.index_name,
+                params: pairs(r.extra_params),
+            };
+            scoped(r.db_name, r.collection_name, Vec::new(), detail)
+        }
+        Request::IndexName => {
+            let r = IndexNameRequest::decode(msg)?;
+            let detail =
+                RequestDetail::Index { field_name: r.field_name, index_name: r.index_name, params: Vec::new() };
             scoped(r.db_name, r.collection_name, Vec::new(), detail)
         }
         Request::Database => {

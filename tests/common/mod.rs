@@ -1,0 +1,211 @@
+//! Test harness: a scriptable fake upstream (for proxy behaviour: faults, timing, exact
+//! bytes), a raw-bytes gRPC client, a capturing recorder, and the sidecar started
+//! in-process in front of whichever upstream a test picks.
+#![allow(dead_code)] // each test crate uses a different part of the harness
+
+pub mod fake;
+pub mod lite;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use milvus_sidecar::config::Config;
+use milvus_sidecar::facts::CallFacts;
+use milvus_sidecar::record::Recorder;
+use tokio::sync::Notify;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::Channel;
+
+pub const SERVICE: &str = "/milvus.proto.milvus.MilvusService/";
+
+/// Collects every call's facts so tests can assert on them.
+#[derive(Default)]
+pub struct Captured {
+    facts: Mutex<Vec<CallFacts>>,
+    added: Notify,
+}
+
+impl Recorder for Captured {
+    fn record(&self, facts: CallFacts) {
+        self.facts.lock().unwrap().push(facts);
+        self.added.notify_waiters();
+    }
+}
+
+impl Captured {
+    /// Waits (up to 5 s) for the facts of a call to `method` and returns the latest.
+    pub async fn wait_for(&self, method: &str) -> CallFacts {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let notified = self.added.notified();
+            if let Some(f) = self.facts.lock().unwrap().iter().rev().find(|f| f.method.name() == method) {
+                return f.clone();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("no facts recorded for {method} within 5 s");
+            }
+        }
+    }
+
+    pub fn count(&self, method: &str) -> usize {
+        self.facts.lock().unwrap().iter().filter(|f| f.method.name() == method).count()
+    }
+}
+
+/// The sidecar under test, started in-process with a capturing recorder.
+pub struct Sidecar {
+    pub running: milvus_sidecar::Running,
+    pub captured: Arc<Captured>,
+}
+
+impl Sidecar {
+    pub async fn start(upstream: SocketAddr) -> Sidecar {
+        Sidecar::start_with(upstream, |_| {}).await
+    }
+
+    pub async fn start_with(upstream: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Sidecar {
+        let mut config = Config::local(format!("http://{upstream}").parse().unwrap());
+        config.drain_timeout = Duration::from_secs(5);
+        tweak(&mut config);
+        let captured = Arc::new(Captured::default());
+        let running = milvus_sidecar::start(config, captured.clone()).await.expect("sidecar starts");
+        Sidecar { running, captured }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.listen_addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.running.listen_addr)
+    }
+
+    pub async fn raw_client(&self) -> RawClient {
+        RawClient::connect(self.addr()).await
+    }
+}
+
+/// A gRPC client that sends and receives messages as raw bytes, to any path.
+#[derive(Clone)]
+pub struct RawClient {
+    pub grpc: tonic::client::Grpc<Channel>,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> RawClient {
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
+        let grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        RawClient { grpc }
+    }
+
+    pub async fn unary(&mut self, method: &str, body: Bytes) -> Result<tonic::Response<Bytes>, tonic::Status> {
+        self.unary_with(method, tonic::Request::new(body)).await
+    }
+
+    pub async fn unary_with(
+        &mut self,
+        method: &str,
+        request: tonic::Request<Bytes>,
+    ) -> Result<tonic::Response<Bytes>, tonic::Status> {
+        self.grpc.ready().await.expect("channel ready");
+        self.grpc.unary(request, path(method), RawCodec).await
+    }
+}
+
+pub fn path(method: &str) -> http::uri::PathAndQuery {
+    format!("{SERVICE}{method}").parse().unwrap()
+}
+
+/// Passes message bytes through unchanged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// Encodes a Milvus message (from milvus-sdk-rust, on prost 0.13).
+pub fn encode(msg: &impl prost013::Message) -> Bytes {
+    Bytes::from(msg.encode_to_vec())
+}
+
+/// Frames a message the way gRPC puts it on the wire (uncompressed).
+pub fn framed(msg: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(msg.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(msg);
+    Bytes::from(out)
+}
+
+/// A loopback address nothing listens on (yet).
+pub fn unused_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// One unary call over a bare HTTP/2 connection, for what a gRPC library would not let a
+/// test do (a `grpc-timeout` the client itself does not enforce). Returns the reply's
+/// header block merged with its trailers.
+pub async fn bare_call(
+    addr: SocketAddr,
+    method: &str,
+    extra: &[(&'static str, &'static str)],
+    body: Bytes,
+) -> http::HeaderMap {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut request = http::Request::post(format!("http://{addr}{SERVICE}{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let reply = send.send_request(request.body(http_body_util::Full::new(framed(&body))).unwrap()).await.unwrap();
+    let (parts, body) = reply.into_parts();
+    let mut headers = parts.headers;
+    if let Some(trailers) = body.collect().await.unwrap().trailers() {
+        headers.extend(trailers.clone());
+    }
+    headers
+}

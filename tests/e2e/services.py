@@ -1,0 +1,176 @@
+"""Starting and stopping milvus-lite and the sidecar for the end-to-end tests.
+
+Failures are reported with pytest.fail and the tail of the process's log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MILVUS_START_TIMEOUT = 60.0
+SIDECAR_START_TIMEOUT = 30.0
+SIDECAR_STOP_TIMEOUT = 30.0
+# Shows one log line per forwarded call; the tests read nothing from it, it is for people.
+DEFAULT_RUST_LOG = "info,milvus_sidecar::call=debug"
+
+
+def required_bin(var: str, hint: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        pytest.fail(
+            f"environment variable {var} is not set: it must point to {hint}. "
+            "Run the suite with scripts/test.sh, or set SIDECAR_BIN and MILVUS_LITE_BIN yourself.",
+            pytrace=False,
+        )
+    path = Path(value)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(f"{var}={value} is not an executable file ({hint})", pytrace=False)
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """GET url; return (status, body). Connection failures raise OSError."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} unreadable)"
+    return f"---- last {lines} lines of {path} ----\n" + "\n".join(text[-lines:])
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    port: int
+    admin_port: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def fail_if_exited(self, what: str) -> None:
+        if self.proc.poll() is not None:
+            pytest.fail(
+                f"{self.name} exited with status {self.proc.returncode} {what}\n{log_tail(self.log)}",
+                pytrace=False,
+            )
+
+    def stop(self, timeout: float) -> int | None:
+        """SIGTERM and wait; returns the exit status, or None if it had to be killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+
+def start_process(name: str, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+
+
+def start_milvus_lite(bin_path: str, data_dir: Path, log: Path) -> Service:
+    port = free_port()
+    argv = [bin_path, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
+    svc = Service("milvus-lite", start_process("milvus-lite", argv, log), log, port)
+    deadline = time.monotonic() + MILVUS_START_TIMEOUT
+    while not port_open(port):
+        svc.fail_if_exited(f"before listening on 127.0.0.1:{port}")
+        if time.monotonic() > deadline:
+            svc.stop(5)
+            pytest.fail(
+                f"milvus-lite not listening on 127.0.0.1:{port} after {MILVUS_START_TIMEOUT:.0f}s\n"
+                + log_tail(log),
+                pytrace=False,
+            )
+        time.sleep(0.1)
+    return svc
+
+
+def start_sidecar(bin_path: str, upstream_port: int, log: Path) -> Service:
+    port, admin_port = free_port(), free_port()
+    argv = [
+        bin_path,
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        f"http://127.0.0.1:{upstream_port}",
+        "--admin-listen",
+        f"127.0.0.1:{admin_port}",
+    ]
+    env = dict(os.environ)
+    env.setdefault("RUST_LOG", DEFAULT_RUST_LOG)
+    svc = Service("milvus-sidecar", start_process("milvus-sidecar", argv, log, env), log, port, admin_port)
+    deadline = time.monotonic() + SIDECAR_START_TIMEOUT
+    while True:
+        try:
+            if http_get(f"{svc.admin_url}/healthz")[0] == 200 and port_open(port):
+                return svc
+        except OSError:
+            pass
+        svc.fail_if_exited("before /healthz answered 200")
+        if time.monotonic() > deadline:
+            svc.stop(5)
+            pytest.fail(
+                f"sidecar /healthz did not answer 200 within {SIDECAR_START_TIMEOUT:.0f}s\n" + log_tail(log),
+                pytrace=False,
+            )
+        time.sleep(0.1)
+
+
+def stop_sidecar_checked(svc: Service) -> None:
+    """SIGTERM the sidecar; it must drain and exit 0 within SIDECAR_STOP_TIMEOUT."""
+    status = svc.stop(SIDECAR_STOP_TIMEOUT)
+    if status is None:
+        pytest.fail(
+            f"sidecar did not exit within {SIDECAR_STOP_TIMEOUT:.0f}s of SIGTERM (killed)\n" + log_tail(svc.log),
+            pytrace=False,
+        )
+    if status != 0:
+        pytest.fail(f"sidecar exited with status {status} after SIGTERM\n" + log_tail(svc.log), pytrace=False)

@@ -1,0 +1,81 @@
+"""The same pymilvus workflow, straight at milvus-lite and through the sidecar, must give the
+same results step by step."""
+
+from __future__ import annotations
+
+import difflib
+import pprint
+
+import pytest
+
+from milvus_workflow import COLLECTION, N_PARTITION_ROWS, N_ROWS, NQ, TOP_K, run_workflow
+
+
+@pytest.fixture(scope="module")
+def transcripts(milvus_lite, sidecar):
+    """(direct, via_sidecar): run one after the other on the same milvus-lite. Each run drops
+    what it created, so both start from the same empty server."""
+    direct = run_workflow(milvus_lite.uri)
+    via_sidecar = run_workflow(sidecar.uri)
+    return direct, via_sidecar
+
+
+def result_of(transcript, step):
+    for name, result in transcript:
+        if name == step:
+            return result
+    raise AssertionError(f"step {step!r} missing from the transcript")
+
+
+def test_direct_workflow_is_sane(transcripts):
+    """Guards the comparison below: identical garbage on both sides must not pass."""
+    direct, _ = transcripts
+    errors = [(name, r) for name, r in direct if isinstance(r, dict) and "raised" in r]
+    assert not errors, f"steps failed against milvus-lite directly: {errors}"
+
+    assert result_of(direct, "list_collections") == []
+    assert result_of(direct, "has_collection") is True
+    assert result_of(direct, "has_collection(missing)") is False
+    assert result_of(direct, "insert")["insert_count"] == N_ROWS
+    assert result_of(direct, "insert(partition)")["insert_count"] == N_PARTITION_ROWS
+    assert result_of(direct, "upsert")["upsert_count"] == 5
+    assert result_of(direct, "query(count(*))")["rows"] == [{"count(*)": N_ROWS + N_PARTITION_ROWS}]
+    for step in ("search", "search(filter)", "hybrid_search(WeightedRanker)", "hybrid_search(RRFRanker)"):
+        hits = result_of(direct, step)["hits"]
+        assert [len(h) for h in hits] == [TOP_K] * NQ, step
+    for hits in result_of(direct, "search(filter)")["hits"]:
+        assert all(h["entity"]["title"] != "row-4" for h in hits)
+    assert [r["id"] for r in result_of(direct, "query")["rows"]] == list(range(12))
+    assert result_of(direct, "get_load_state") == {"state": "LoadState.Loaded"}
+    assert COLLECTION not in result_of(direct, "list_collections(end)")
+
+
+def test_sidecar_transcript_matches_direct(transcripts):
+    direct, via_sidecar = transcripts
+    assert [name for name, _ in via_sidecar] == [name for name, _ in direct], "different steps ran"
+
+    mismatches = [
+        (name, d, s) for (name, d), (_, s) in zip(direct, via_sidecar) if d != s
+    ]
+    if mismatches:
+        name, d, s = mismatches[0]
+        diff = "\n".join(
+            difflib.unified_diff(
+                pprint.pformat(d, width=100).splitlines(),
+                pprint.pformat(s, width=100).splitlines(),
+                "direct",
+                "via sidecar",
+                lineterm="",
+            )
+        )
+        pytest.fail(
+            f"{len(mismatches)} step(s) differ through the sidecar: {[m[0] for m in mismatches]}\n"
+            f"first difference, step {name!r}:\n{diff}",
+            pytrace=False,
+        )
+
+
+def test_workflow_went_through_the_sidecar(transcripts, sidecar):
+    """The sidecar run must not have bypassed the sidecar: it logged the calls it forwarded."""
+    log = sidecar.log_text()
+    assert "Search" in log or "search" in log, f"no search call in the sidecar log:\n{log[-3000:]}"

@@ -1,0 +1,189 @@
+//! Our views must read Milvus's messages: for every inspected RPC, each field a view
+//! declares must exist in Milvus's own request/reply message under the same number, with a
+//! wire-compatible type. The Milvus definitions are read from the `.proto` files shipped in
+//! the milvus-sdk-rust crate, not copied here.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use milvus_sidecar::milvus::Rpc;
+
+#[derive(Debug, Clone)]
+struct Field {
+    repeated: bool,
+    ty: String,
+}
+
+#[derive(Default)]
+struct Protos {
+    messages: HashMap<String, HashMap<u32, Field>>,
+    enums: Vec<String>,
+    /// rpc name -> (request type, reply type)
+    rpcs: HashMap<String, (String, String)>,
+}
+
+impl Protos {
+    fn parse(&mut self, text: &str) {
+        // Blocks we are inside: message / enum / oneof / service / other.
+        let mut stack: Vec<(String, String)> = Vec::new();
+        let text = strip_block_comments(text);
+        let text: String = text.lines().map(|l| l.split("//").next().unwrap()).collect::<Vec<_>>().join("\n");
+        for statement in text.split_inclusive(['{', '}', ';']) {
+            let s = statement.trim();
+            if let Some(rest) = s.strip_prefix("rpc ") {
+                let names: Vec<&str> = rest
+                    .split(|c: char| c == '(' || c == ')' || c == '{' || c == ';' || c.is_whitespace())
+                    .filter(|w| !w.is_empty() && *w != "stream" && *w != "returns")
+                    .collect();
+                self.rpcs.insert(names[0].into(), (simple(names[1]), simple(names[2])));
+                if s.ends_with('{') {
+                    stack.push(("rpc".into(), names[0].into()));
+                }
+            } else if s.ends_with('{') {
+                let words: Vec<&str> = s.trim_end_matches('{').split_whitespace().collect();
+                let kind = words.first().copied().unwrap_or("").to_string();
+                let name = words.get(1).copied().unwrap_or("").to_string();
+                if kind == "enum" {
+                    self.enums.push(name.clone());
+                }
+                if kind == "message" && stack.is_empty() {
+                    self.messages.entry(name.clone()).or_default();
+                }
+                stack.push((kind, name));
+            } else if s.ends_with('}') {
+                stack.pop();
+            } else if let Some(message) = top_level_message(&stack)
+                && let Some((number, field)) = parse_field(s)
+            {
+                self.messages.get_mut(&message).unwrap().insert(number, field);
+            }
+        }
+    }
+}
+
+fn strip_block_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("/*") {
+        out.push_str(&rest[..start]);
+        rest = rest[start..].find("*/").map_or("", |end| &rest[start + end + 2..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The top-level message whose fields we are reading (directly or inside a oneof).
+fn top_level_message(stack: &[(String, String)]) -> Option<String> {
+    match stack {
+        [(kind, name)] if kind == "message" => Some(name.clone()),
+        [(kind, name), (inner, _)] if kind == "message" && inner == "oneof" => Some(name.clone()),
+        _ => None,
+    }
+}
+
+fn parse_field(s: &str) -> Option<(u32, Field)> {
+    let (decl, number) = s.trim_end_matches(';').split_once('=')?;
+    let number: u32 = number.split_whitespace().next()?.trim_end_matches(';').parse().ok()?;
+    let mut words: Vec<&str> = decl.split_whitespace().collect();
+    if words.first().is_some_and(|w| w.starts_with("map<")) {
+        return Some((number, Field { repeated: true, ty: "map".into() }));
+    }
+    let repeated = words.first() == Some(&"repeated");
+    if matches!(words.first(), Some(&"repeated" | &"optional")) {
+        words.remove(0);
+    }
+    Some((number, Field { repeated, ty: simple(words.first()?) }))
+}
+
+fn simple(ty: &str) -> String {
+    ty.rsplit('.').next().unwrap().to_string()
+}
+
+fn milvus_proto_dir() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    let manifest = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "milvus-sdk-rust")
+        .expect("milvus-sdk-rust is a dev-dependency")["manifest_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    PathBuf::from(manifest).parent().unwrap().join("milvus-proto/proto")
+}
+
+fn load() -> (Protos, Protos) {
+    let mut milvus = Protos::default();
+    let dir = milvus_proto_dir();
+    for file in ["common.proto", "schema.proto", "milvus.proto"] {
+        milvus.parse(&std::fs::read_to_string(dir.join(file)).unwrap());
+    }
+    let mut views = Protos::default();
+    views.parse(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/views.proto")).unwrap());
+    (milvus, views)
+}
+
+/// Every field of `view` must be readable from `milvus`'s message.
+fn check(milvus: &Protos, views: &Protos, view: &str, real: &str, trail: &str, problems: &mut Vec<String>) {
+    let ours = &views.messages[view];
+    let Some(theirs) = milvus.messages.get(real) else {
+        problems.push(format!("{trail}: Milvus has no message {real}"));
+        return;
+    };
+    for (number, field) in ours {
+        let Some(real_field) = theirs.get(number) else {
+            problems.push(format!("{trail}: {view} field {number} does not exist in Milvus's {real}"));
+            continue;
+        };
+        if field.repeated != real_field.repeated {
+            problems.push(format!(
+                "{trail}: {view} field {number} repeated={} but {real} has {}",
+                field.repeated, real_field.repeated
+            ));
+        }
+        if views.messages.contains_key(&field.ty) {
+            check(milvus, views, &field.ty, &real_field.ty, &format!("{trail}.{number}"), problems);
+        } else {
+            let enum_as_int = field.ty == "int32" && milvus.enums.contains(&real_field.ty);
+            if field.ty != real_field.ty && !enum_as_int {
+                problems.push(format!(
+                    "{trail}: {view} field {number} is {} but Milvus's {real} has {}",
+                    field.ty, real_field.ty
+                ));
+            }
+        }
+    }
+}
+
+#[test]
+fn every_view_reads_the_milvus_message_it_stands_for() {
+    let (milvus, views) = load();
+    assert!(milvus.rpcs.len() > 100, "parsed only {} Milvus RPCs", milvus.rpcs.len());
+    let mut problems = Vec::new();
+    for rpc in Rpc::ALL {
+        let Some((request, reply)) = milvus.rpcs.get(rpc.name()) else {
+            problems.push(format!("{} is not a MilvusService method", rpc.name()));
+            continue;
+        };
+        check(&milvus, &views, rpc.request().view(), request, rpc.name(), &mut problems);
+        check(&milvus, &views, rpc.reply().view(), reply, &format!("{} reply", rpc.name()), &mut problems);
+    }
+    assert!(problems.is_empty(), "views disagree with Milvus:\n{}", problems.join("\n"));
+}
+
+#[test]
+fn the_check_catches_a_view_with_a_wrong_field() {
+    // The mistake this test exists for: reading DropIndex (index_name = 5) with
+    // CreateIndex's view (extra_params = 5).
+    let (milvus, views) = load();
+    let mut problems = Vec::new();
+    check(&milvus, &views, "CreateIndexRequest", "DropIndexRequest", "DropIndex", &mut problems);
+    assert!(problems.iter().any(|p| p.contains("field 5")), "{problems:?}");
+}
