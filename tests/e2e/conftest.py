@@ -15,14 +15,31 @@ from pathlib import Path
 
 import pytest
 
-from services import log_tail, required_bin, start_milvus_lite, start_sidecar, stop_sidecar_checked
+from services import binary_problem, log_tail, required_bin, start_milvus_lite, start_sidecar, stop_sidecar_checked
+
+BINARIES = {
+    "MILVUS_LITE_BIN": "the milvus-lite executable (.venv/bin/milvus-lite)",
+    "SIDECAR_BIN": "the built sidecar (target/release/milvus-sidecar)",
+}
+
+
+def pytest_sessionstart(session):
+    """Every test needs both binaries: say once, up front, what is missing."""
+    problems = [p for var, hint in BINARIES.items() if (p := binary_problem(var, hint))]
+    if problems:
+        pytest.exit(
+            "cannot run the end-to-end tests:\n  "
+            + "\n  ".join(problems)
+            + "\nRun them with scripts/test.sh, or set MILVUS_LITE_BIN and SIDECAR_BIN.",
+            returncode=4,
+        )
 
 
 @pytest.fixture(scope="session")
 def binaries() -> dict[str, str]:
     return {
-        "milvus_lite": required_bin("MILVUS_LITE_BIN", "the milvus-lite executable (.venv/bin/milvus-lite)"),
-        "sidecar": required_bin("SIDECAR_BIN", "the built sidecar (target/release/milvus-sidecar)"),
+        "milvus_lite": required_bin("MILVUS_LITE_BIN", BINARIES["MILVUS_LITE_BIN"]),
+        "sidecar": required_bin("SIDECAR_BIN", BINARIES["SIDECAR_BIN"]),
     }
 
 

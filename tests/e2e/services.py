@@ -19,22 +19,26 @@ import pytest
 MILVUS_START_TIMEOUT = 60.0
 SIDECAR_START_TIMEOUT = 30.0
 SIDECAR_STOP_TIMEOUT = 30.0
-# Shows one log line per forwarded call; the tests read nothing from it, it is for people.
-DEFAULT_RUST_LOG = "info,milvus_sidecar::call=debug"
+# One log line per forwarded call: test_workflow reads them, and they help when a test fails.
+SIDECAR_RUST_LOG = "info,milvus_sidecar::call=debug"
+
+
+def binary_problem(var: str, hint: str) -> str | None:
+    """Why the executable named by environment variable `var` cannot be used, or None."""
+    value = os.environ.get(var)
+    if not value:
+        return f"{var} is not set: it must point to {hint}"
+    path = Path(value)
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        return f"{var}={value} is not an executable file: it must point to {hint}"
+    return None
 
 
 def required_bin(var: str, hint: str) -> str:
-    value = os.environ.get(var)
-    if not value:
-        pytest.fail(
-            f"environment variable {var} is not set: it must point to {hint}. "
-            "Run the suite with scripts/test.sh, or set SIDECAR_BIN and MILVUS_LITE_BIN yourself.",
-            pytrace=False,
-        )
-    path = Path(value)
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"{var}={value} is not an executable file ({hint})", pytrace=False)
-    return str(path)
+    problem = binary_problem(var, hint)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return os.environ[var]
 
 
 def free_port() -> int:
@@ -145,7 +149,7 @@ def start_sidecar(bin_path: str, upstream_port: int, log: Path) -> Service:
         f"127.0.0.1:{admin_port}",
     ]
     env = dict(os.environ)
-    env.setdefault("RUST_LOG", DEFAULT_RUST_LOG)
+    env["RUST_LOG"] = SIDECAR_RUST_LOG
     svc = Service("milvus-sidecar", start_process("milvus-sidecar", argv, log, env), log, port, admin_port)
     deadline = time.monotonic() + SIDECAR_START_TIMEOUT
     while True:

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Installs what building and testing milvus-sidecar needs on a fresh machine, and nothing
+# that is already there. Safe to run again: a second run only checks and prints.
+#
+#   - checks the Rust toolchain (cargo, rustfmt, clippy);
+#   - creates .venv/ (Python >= 3.10) with pinned pymilvus, milvus-lite and pytest;
+#   - PostgreSQL: a stub for now (see setup_postgres).
+#
+# Environment: PYTHON (interpreter used to create .venv; default python3.11, else python3).
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO_ROOT"
+
+# The one place these versions are pinned. milvus-lite imports pymilvus, so both are needed.
+PY_PACKAGES=(
+    "pymilvus==3.0.2"
+    "milvus-lite==3.2.2"
+    "pytest==9.2.0"
+)
+
+DONE=()
+
+check_rust() {
+    command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
+    cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
+    cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
+    DONE+=("rust: $(cargo --version | cut -d' ' -f1-2), rustfmt and clippy present")
+}
+
+pick_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.11 python3; do
+        [[ -n "$candidate" ]] || continue
+        if command -v "$candidate" >/dev/null &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    die "no Python >= 3.10 found (set PYTHON=/path/to/python3)"
+}
+
+setup_venv() {
+    if [[ -x "$VENV_PYTHON" ]] && "$VENV_PYTHON" -c 'import sys' 2>/dev/null; then
+        DONE+=("venv: $VENV_DIR exists ($("$VENV_PYTHON" --version 2>&1))")
+    else
+        local python
+        python="$(pick_python)"
+        rm -rf "$VENV_DIR"
+        "$python" -m venv "$VENV_DIR" ||
+            die "could not create $VENV_DIR with $python (on Debian's own python: apt-get install python3-venv)"
+        DONE+=("venv: created $VENV_DIR with $("$VENV_PYTHON" --version 2>&1)")
+    fi
+
+    # Exit 0 only when every pinned package is installed at exactly its version.
+    if "$VENV_PYTHON" - "${PY_PACKAGES[@]}" <<'EOF'; then
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    try:
+        if version(name) != want:
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+EOF
+        DONE+=("python packages: already installed (${PY_PACKAGES[*]})")
+        return 0
+    fi
+
+    log "installing ${PY_PACKAGES[*]} into $VENV_DIR"
+    local pip_log="$VENV_DIR/pip-install.log"
+    if ! "$VENV_PYTHON" -m pip install --disable-pip-version-check --no-input \
+        "${PY_PACKAGES[@]}" >"$pip_log" 2>&1; then
+        show_log_tail "$pip_log" 30
+        die "pip install failed (full log: $pip_log)"
+    fi
+    DONE+=("python packages: installed ${PY_PACKAGES[*]}")
+}
+
+# PostgreSQL is not needed yet. When the record/permission store lands, this installs Debian's
+# `postgresql` if missing, or uses DATABASE_URL when given (see the design notes).
+setup_postgres() {
+    DONE+=("postgresql: not needed yet (skipped)")
+}
+
+check_rust
+setup_venv
+setup_postgres
+
+log "setup done:"
+printf '    %s\n' "${DONE[@]}"
