@@ -51,6 +51,9 @@ impl Method {
 #[derive(Debug, Clone, Default)]
 pub struct Client {
     pub peer: Option<SocketAddr>,
+    /// The user named by the `authorization` header. Not verified: authentication is a
+    /// later step; until then this is who the caller claims to be.
+    pub user: Option<String>,
     pub user_agent: Option<HeaderValue>,
     pub request_id: Option<HeaderValue>,
 }
@@ -124,6 +127,23 @@ pub enum ReplyDetail {
         deleted: i64,
         upserted: i64,
     },
+    Indexes(Vec<IndexProgress>),
+    /// Rows a Query returned.
+    Rows(i64),
+}
+
+/// One index as DescribeIndex reported it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IndexProgress {
+    pub index_name: String,
+    pub field_name: String,
+    pub params: Vec<(String, String)>,
+    pub indexed_rows: i64,
+    pub total_rows: i64,
+    pub pending_rows: i64,
+    /// Milvus's `common.IndexState`: 1 unissued, 2 in progress, 3 finished, 4 failed, 5 retry.
+    pub state: i32,
+    pub fail_reason: String,
 }
 
 /// How the call ended: the gRPC status and, inside an OK reply, Milvus's own status.

@@ -1,16 +1,15 @@
-use std::process::ExitCode;
-use std::sync::Arc;
-
 use clap::Parser;
-use milvus_sidecar::config::{Cli, Command, Config, LogFormat};
-use milvus_sidecar::record::LogRecorder;
+use milvus_sidecar::App;
+use milvus_sidecar::config::{Cli, Command, Config, DatabaseArgs, LogFormat};
+use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Serve(config) => runtime(config.worker_threads).and_then(|rt| rt.block_on(serve(config))),
+        Command::Serve(config) => runtime(config.worker_threads).and_then(|rt| rt.block_on(serve(*config))),
+        Command::Migrate(database) => runtime(1).and_then(|rt| rt.block_on(migrate(database))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -41,17 +40,31 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let running = milvus_sidecar::start(config.clone(), Arc::new(LogRecorder)).await?;
+    let upstream = config.upstream.clone();
+    let app = App::start(config).await?;
     tracing::info!(
-        listen = %running.listen_addr,
-        admin = %running.admin_addr,
-        upstream = %config.upstream,
+        listen = %app.running.listen_addr,
+        admin = %app.running.admin_addr,
+        %upstream,
+        recording = app.recording.is_some(),
         "milvus-sidecar serving"
     );
     shutdown_signal().await?;
     tracing::info!("shutdown requested");
-    running.shutdown().await;
+    app.shutdown().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn migrate(database: DatabaseArgs) -> anyhow::Result<()> {
+    let applied = milvus_sidecar::store::migrate::run(&database.pg_config()?).await?;
+    if applied.is_empty() {
+        println!("schema is up to date");
+    } else {
+        for name in applied {
+            println!("applied {name}");
+        }
+    }
     Ok(())
 }
 

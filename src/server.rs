@@ -16,6 +16,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::record::Recorder;
+use crate::settings::Settings;
 
 /// A started sidecar. Dropping it leaves it running; call [`Running::shutdown`] to drain.
 pub struct Running {
@@ -28,13 +29,13 @@ pub struct Running {
 }
 
 /// Binds both listeners and starts serving in the background.
-pub async fn start(config: Config, recorder: Arc<dyn Recorder>) -> io::Result<Running> {
+pub async fn start(config: Config, recorder: Arc<dyn Recorder>, settings: Arc<Settings>) -> io::Result<Running> {
     let listener = bind(config.listen, "client").await?;
     let admin_listener = bind(config.admin_listen, "admin").await?;
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let proxy = Proxy::new(&config, recorder);
+    let proxy = Proxy::new(&config, recorder, settings);
     let (shutdown, stop) = watch::channel(false);
     let draining = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(admin::serve(admin_listener, proxy.upstream().clone(), draining.clone(), stop.clone()));

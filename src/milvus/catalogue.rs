@@ -38,7 +38,7 @@ macro_rules! rpcs {
 rpcs! {
     Search => Search, SearchResults;
     HybridSearch => HybridSearch, SearchResults;
-    Query => Query, StatusField;
+    Query => Query, QueryResults;
     Insert => Insert, Mutation;
     Upsert => Insert, Mutation;
     Delete => Delete, Mutation;
@@ -56,7 +56,7 @@ rpcs! {
     CreateIndex => CreateIndex, BareStatus;
     AlterIndex => AlterIndex, BareStatus;
     DropIndex => IndexName, BareStatus;
-    DescribeIndex => IndexName, StatusField;
+    DescribeIndex => IndexName, DescribeIndex;
     CreateDatabase => Database, BareStatus;
     DropDatabase => Database, BareStatus;
 }
@@ -110,7 +110,9 @@ pub enum Reply {
     /// A message with `common.Status status = 1` and nothing else we read.
     StatusField,
     SearchResults,
+    QueryResults,
     Mutation,
+    DescribeIndex,
 }
 
 impl Reply {
@@ -120,7 +122,9 @@ impl Reply {
             Reply::BareStatus => "Status",
             Reply::StatusField => "StatusReply",
             Reply::SearchResults => "SearchResults",
+            Reply::QueryResults => "QueryResults",
             Reply::Mutation => "MutationResult",
+            Reply::DescribeIndex => "DescribeIndexResponse",
         }
     }
 }

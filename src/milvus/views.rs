@@ -2,7 +2,7 @@
 
 use prost::Message;
 
-use crate::facts::{Outcome, ReplyDetail, RequestDetail, RequestFacts, SearchFacts};
+use crate::facts::{IndexProgress, Outcome, ReplyDetail, RequestDetail, RequestFacts, SearchFacts};
 use crate::milvus::{Reply, Request};
 
 #[allow(clippy::all)]
@@ -116,11 +116,34 @@ pub fn read_reply(kind: Reply, msg: &[u8], outcome: &mut Outcome) -> Result<Repl
             });
             (r.status, detail)
         }
+        Reply::QueryResults => {
+            let r = QueryResults::decode(msg)?;
+            let rows = r.fields_data.first().map_or(0, row_count);
+            (r.status, ReplyDetail::Rows(rows))
+        }
         Reply::Mutation => {
             let r = MutationResult::decode(msg)?;
             let detail =
                 ReplyDetail::Mutation { inserted: r.insert_cnt, deleted: r.delete_cnt, upserted: r.upsert_cnt };
             (r.status, detail)
+        }
+        Reply::DescribeIndex => {
+            let r = DescribeIndexResponse::decode(msg)?;
+            let indexes = r
+                .index_descriptions
+                .into_iter()
+                .map(|d| IndexProgress {
+                    index_name: d.index_name,
+                    field_name: d.field_name,
+                    params: pairs(d.params),
+                    indexed_rows: d.indexed_rows,
+                    total_rows: d.total_rows,
+                    pending_rows: d.pending_index_rows,
+                    state: d.state,
+                    fail_reason: d.index_state_fail_reason,
+                })
+                .collect();
+            (r.status, ReplyDetail::Indexes(indexes))
         }
     };
     if let Some(status) = status {
@@ -131,6 +154,26 @@ pub fn read_reply(kind: Reply, msg: &[u8], outcome: &mut Outcome) -> Result<Repl
         }
     }
     Ok(detail)
+}
+
+/// Rows in one column of a query result: every column has one value per row.
+fn row_count(field: &FieldData) -> i64 {
+    if let Some(s) = &field.scalars {
+        let n = [
+            s.bool_data.as_ref().map(|a| a.data.len()),
+            s.int_data.as_ref().map(|a| a.data.len()),
+            s.long_data.as_ref().map(|a| a.data.len()),
+            s.float_data.as_ref().map(|a| a.data.len()),
+            s.double_data.as_ref().map(|a| a.data.len()),
+            s.string_data.as_ref().map(|a| a.data.len()),
+            s.json_data.as_ref().map(|a| a.data.len()),
+        ];
+        return n.into_iter().flatten().next().unwrap_or(0) as i64;
+    }
+    match &field.vectors {
+        Some(v) if v.dim > 0 => v.float_vector.as_ref().map_or(0, |f| f.data.len() as i64 / v.dim),
+        _ => 0,
+    }
 }
 
 fn search_facts(r: SearchRequest) -> RequestDetail {

@@ -11,8 +11,8 @@ pub enum ProxyError {
     #[error("upstream Milvus at {upstream} is unavailable: {reason}")]
     UpstreamUnavailable { upstream: Arc<str>, reason: String },
 
-    #[error("upstream Milvus at {upstream} did not answer within {after:?}")]
-    UpstreamTimeout { upstream: Arc<str>, after: Duration },
+    #[error("upstream Milvus at {upstream} did not answer within {after:?} ({limit})")]
+    UpstreamTimeout { upstream: Arc<str>, after: Duration, limit: &'static str },
 
     #[error(
         "{method} message of {size} bytes exceeds the sidecar's limit of {limit} bytes \
@@ -46,17 +46,4 @@ impl ProxyError {
     pub fn to_status(&self) -> tonic::Status {
         tonic::Status::new(self.code(), self.to_string())
     }
-}
-
-/// Formats an error with its chain of causes, which is where hyper keeps the useful part
-/// ("client error (Connect)" alone says nothing; "Connection refused" does).
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }

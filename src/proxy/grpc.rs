@@ -146,6 +146,12 @@ pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+/// A `grpc-timeout` value for `d` (milliseconds; at most 8 digits, as the spec allows).
+pub fn timeout_header(d: Duration) -> HeaderValue {
+    let ms = d.as_millis().min(99_999_999);
+    HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit are a valid header value")
+}
+
 /// The gRPC status in a header block (trailers, or the headers of a trailers-only reply).
 /// Parses the (percent-encoded) message only when the status is not OK.
 pub fn outcome_in(headers: &HeaderMap) -> Option<Outcome> {

@@ -23,7 +23,7 @@ pub async fn read_request(
     let mut gathered = Gathered::default();
     let mut expected = 0;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ProxyError::ClientGone(super::error::chain(&e)))?;
+        let frame = frame.map_err(|e| ProxyError::ClientGone(crate::error_chain(&e)))?;
         // gRPC requests carry no trailers; anything but data is ignored.
         let Ok(data) = frame.into_data() else { continue };
         gathered.push(data, expected);

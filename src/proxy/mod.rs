@@ -22,12 +22,13 @@ use hyper::body::Incoming;
 pub use body::Body;
 pub use error::ProxyError;
 use observe::{InFlight, Observed, Pending, ReplyCapture};
-pub use upstream::Upstream;
+pub use upstream::{Deadline, Upstream};
 
 use crate::config::Config;
 use crate::facts::{CallFacts, Client, DEFAULT_DATABASE, Method, Outcome};
 use crate::milvus::Rpc;
 use crate::record::Recorder;
+use crate::settings::Settings;
 
 /// Headers Milvus trusts only from its own cluster members (`sourceid` lets a caller skip
 /// authentication). No client may send them through the sidecar.
@@ -41,12 +42,14 @@ pub struct Proxy {
 struct Shared {
     upstream: Upstream,
     recorder: Arc<dyn Recorder>,
+    settings: Arc<Settings>,
     max_message_bytes: usize,
 }
 
 impl Proxy {
-    pub fn new(config: &Config, recorder: Arc<dyn Recorder>) -> Self {
-        let shared = Shared { upstream: Upstream::new(config), recorder, max_message_bytes: config.max_message_bytes };
+    pub fn new(config: &Config, recorder: Arc<dyn Recorder>, settings: Arc<Settings>) -> Self {
+        let shared =
+            Shared { upstream: Upstream::new(config), recorder, settings, max_message_bytes: config.max_message_bytes };
         Proxy { shared: Arc::new(shared) }
     }
 
@@ -110,7 +113,7 @@ impl Shared {
             None => Body::Raw(body),
         };
 
-        let deadline = grpc::timeout(&parts.headers);
+        let deadline = self.deadline(rpc, &mut parts.headers);
         match self.upstream.send(Request::from_parts(parts, body), deadline).await {
             Ok(reply) => {
                 let (parts, inner) = reply.into_parts();
@@ -119,6 +122,22 @@ impl Shared {
                 Response::from_parts(parts, Body::Observed(observed))
             }
             Err(failure) => answer_ourselves(call, failure),
+        }
+    }
+
+    /// The client's deadline, capped by `max_query_timeout` for searches and queries. A cap
+    /// is also sent upstream as the call's `grpc-timeout`, so Milvus gives up too.
+    fn deadline(&self, rpc: Option<Rpc>, headers: &mut http::HeaderMap) -> Option<Deadline> {
+        let client = grpc::timeout(headers).map(|after| Deadline { after, source: "the client's deadline" });
+        let is_query = matches!(rpc, Some(Rpc::Search | Rpc::HybridSearch | Rpc::Query));
+        let cap = if is_query { self.settings.max_query_timeout() } else { None };
+        match (client, cap) {
+            (Some(c), Some(cap)) if cap >= c.after => Some(c),
+            (_, Some(cap)) => {
+                headers.insert("grpc-timeout", grpc::timeout_header(cap));
+                Some(Deadline { after: cap, source: "max_query_timeout in system_config" })
+            }
+            (client, None) => client,
         }
     }
 
@@ -147,6 +166,7 @@ impl Shared {
                 reply_bytes: 0,
                 client: Client {
                     peer: Some(peer),
+                    user: crate::auth::claimed_user(headers),
                     user_agent: headers.get(http::header::USER_AGENT).cloned(),
                     request_id: headers.get("client-request-id").cloned(),
                 },

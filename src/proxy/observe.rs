@@ -182,7 +182,7 @@ impl Observed {
         let status = tonic::Status::unavailable(format!(
             "upstream Milvus at {} broke off the reply: {}",
             self.upstream,
-            super::error::chain(err)
+            crate::error_chain(err)
         ));
         if let Some(call) = self.call.call() {
             call.end_with(Outcome::grpc(status.code(), status.message()));

@@ -12,9 +12,16 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::Body;
-use super::error::{ProxyError, chain};
+use super::error::ProxyError;
 use crate::config::Config;
 use crate::milvus::SERVICE_PREFIX;
+
+/// How long a call may wait for the upstream, and who set that limit (for the message).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub after: Duration,
+    pub source: &'static str,
+}
 
 #[derive(Clone)]
 pub struct Upstream {
@@ -59,11 +66,11 @@ impl Upstream {
     }
 
     /// Sends the call on, with its headers as they came, and waits for the reply headers
-    /// no longer than `deadline` (the client's) or the configured timeout.
+    /// no longer than `deadline` or the configured upstream timeout, whichever is shorter.
     pub async fn send(
         &self,
         mut request: Request<Body>,
-        deadline: Option<Duration>,
+        deadline: Option<Deadline>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut parts = request.uri().clone().into_parts();
         parts.scheme = Some(self.scheme.clone());
@@ -71,18 +78,24 @@ impl Upstream {
         *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and the original path form a URI");
         *request.version_mut() = http::Version::HTTP_2;
 
-        let call = self.client.request(request);
         let limit = match (deadline, self.timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+            (Some(d), Some(t)) if t < d.after => Some(Deadline { after: t, source: "--upstream-timeout" }),
+            (Some(d), _) => Some(d),
+            (None, Some(t)) => Some(Deadline { after: t, source: "--upstream-timeout" }),
+            (None, None) => None,
         };
-        let reply = match limit {
-            Some(limit) => tokio::time::timeout(limit, call)
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout { upstream: self.name.clone(), after: limit })?,
-            None => call.await,
-        };
-        reply.map_err(|e| ProxyError::UpstreamUnavailable { upstream: self.name.clone(), reason: chain(&e) })
+        let call = self.client.request(request);
+        let reply =
+            match limit {
+                Some(limit) => tokio::time::timeout(limit.after, call).await.map_err(|_| {
+                    ProxyError::UpstreamTimeout { upstream: self.name.clone(), after: limit.after, limit: limit.source }
+                })?,
+                None => call.await,
+            };
+        reply.map_err(|e| ProxyError::UpstreamUnavailable {
+            upstream: self.name.clone(),
+            reason: crate::error_chain(&e),
+        })
     }
 
     /// Whether the upstream answers gRPC at all: any gRPC reply to `GetVersion` counts
@@ -93,7 +106,10 @@ impl Upstream {
             .header("te", "trailers")
             .body(Body::Full(Some(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]))))
             .expect("static request is valid");
-        let reply = self.send(request, Some(within)).await.map_err(|e| e.to_string())?;
+        let reply = self
+            .send(request, Some(Deadline { after: within, source: "readiness probe" }))
+            .await
+            .map_err(|e| e.to_string())?;
         if reply.status() == http::StatusCode::OK {
             Ok(())
         } else {

@@ -70,7 +70,8 @@ impl Sidecar {
         config.drain_timeout = Duration::from_secs(5);
         tweak(&mut config);
         let captured = Arc::new(Captured::default());
-        let running = milvus_sidecar::start(config, captured.clone()).await.expect("sidecar starts");
+        let running =
+            milvus_sidecar::start(config, captured.clone(), Default::default()).await.expect("sidecar starts");
         Sidecar { running, captured }
     }
 

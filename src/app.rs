@@ -1,0 +1,66 @@
+//! The whole sidecar wired together: PostgreSQL (migrations, settings, partitions, the
+//! record writer) behind the proxy. `main` and the integration tests start it the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::record::{LogRecorder, Recorder, Recording};
+use crate::settings::Settings;
+use crate::store::{self, maintenance, migrate, system_config};
+use crate::{Running, start};
+
+pub struct App {
+    pub running: Running,
+    pub settings: Arc<Settings>,
+    /// None when recording is off (`--no-recording`).
+    pub recording: Option<Recording>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl App {
+    pub async fn start(config: Config) -> anyhow::Result<App> {
+        let settings = Arc::new(Settings::default());
+        let mut background = Vec::new();
+        let (recorder, recording): (Arc<dyn Recorder>, _) = if config.recording.no_recording {
+            tracing::warn!("recording is off (--no-recording): calls are logged, nothing is written to PostgreSQL");
+            (Arc::new(LogRecorder), None)
+        } else {
+            let pg = config.database.pg_config()?;
+            if !config.recording.skip_migrations {
+                let applied = migrate::run(&pg).await?;
+                if !applied.is_empty() {
+                    tracing::info!(?applied, "database migrated");
+                }
+            }
+            // Settings before the first call, so the first calls already follow them.
+            let client = store::connect(&pg).await.context("cannot connect to PostgreSQL")?;
+            system_config::load(&client, &settings).await.context("cannot read system_config")?;
+            drop(client);
+            let pool = store::pool(pg.clone(), config.database.db_pool_size);
+            background.push(system_config::watch(pg, settings.clone()));
+            background.push(maintenance::spawn(pool.clone(), settings.clone()));
+            let recording = Recording::start(pool, settings.clone(), &config.recording)
+                .await
+                .with_context(|| format!("cannot open the spill directory {}", config.recording.spill_dir.display()))?;
+            (recording.recorder.clone() as Arc<dyn Recorder>, Some(recording))
+        };
+        let running = start(config, recorder, settings.clone()).await?;
+        Ok(App { running, settings, recording, background })
+    }
+
+    /// Drains in-flight calls, then writes (or spills) every queued record.
+    pub async fn shutdown(self) {
+        self.running.shutdown().await;
+        if let Some(recording) = self.recording
+            && tokio::time::timeout(Duration::from_secs(30), recording.finish()).await.is_err()
+        {
+            tracing::error!("the record writer did not finish within 30 s");
+        }
+        for task in self.background {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The writer task: drains the record queue in batches (by count or after the flush
+//! interval, whichever comes first) and writes each batch in one transaction. While
+//! PostgreSQL is unreachable, batches go to the spill file and are replayed, in order,
+//! before anything newer once it is back.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::Stats;
+use super::rows::Record;
+use super::spill::Spill;
+use crate::facts::CallFacts;
+use crate::settings::Settings;
+use crate::store::logs::{Batch, Ids};
+use crate::store::mirror::{Catalog, MirrorOp};
+use crate::store::{Pool, is_transient};
+
+/// How often the writer tries PostgreSQL again while records wait in the spill file.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Writer {
+    pub pool: Pool,
+    pub settings: Arc<Settings>,
+    pub spill: Spill,
+    pub stats: Arc<Stats>,
+    pub batch_rows: usize,
+    pub flush_interval: Duration,
+    pub catalog: Catalog,
+}
+
+enum WriteError {
+    /// Try again later (PostgreSQL away, connection lost).
+    Transient(String),
+    /// The data itself was refused; retrying cannot help.
+    Rejected(String),
+}
+
+impl Writer {
+    pub async fn run(mut self, mut queue: mpsc::Receiver<CallFacts>, mut finish: oneshot::Receiver<()>) {
+        let mut pending: Vec<Record> = Vec::with_capacity(self.batch_rows);
+        let mut finishing = false;
+        loop {
+            // Wait for a first record (or, with records spilled, for the next retry).
+            let retry = tokio::time::sleep(if self.spill.waiting() > 0 { RETRY_EVERY } else { Duration::MAX / 4 });
+            tokio::select! {
+                got = queue.recv() => match got {
+                    Some(facts) => self.push(&mut pending, facts),
+                    None => finishing = true,
+                },
+                _ = retry => {}
+                _ = &mut finish, if !finishing => finishing = true,
+            }
+            if finishing {
+                // Shutting down: take what is queued now, write it, and stop.
+                while let Ok(facts) = queue.try_recv() {
+                    self.push(&mut pending, facts);
+                }
+                self.flush(&mut pending).await;
+                break;
+            }
+            let deadline = Instant::now() + self.flush_interval;
+            while pending.len() < self.batch_rows {
+                tokio::select! {
+                    biased;
+                    got = queue.recv() => match got {
+                        Some(facts) => self.push(&mut pending, facts),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            self.flush(&mut pending).await;
+        }
+        let waiting = self.spill.waiting();
+        if waiting > 0 {
+            tracing::warn!(
+                records = waiting,
+                "PostgreSQL unreachable at shutdown; records stay in the spill file for the next start"
+            );
+        }
+    }
+
+    fn push(&self, pending: &mut Vec<Record>, facts: CallFacts) {
+        if let Some(record) = Record::from_facts(facts, &self.settings) {
+            pending.push(record);
+        }
+    }
+
+    async fn flush(&mut self, pending: &mut Vec<Record>) {
+        if self.spill.waiting() > 0 {
+            // Older records wait on disk: newer ones queue behind them to keep the order.
+            if !pending.is_empty() {
+                self.spill_out(pending).await;
+            }
+            self.replay().await;
+            return;
+        }
+        if pending.is_empty() {
+            return;
+        }
+        match self.write(pending).await {
+            Ok(rows) => {
+                self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
+                self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
+                pending.clear();
+            }
+            Err(WriteError::Transient(reason)) => {
+                tracing::warn!(%reason, records = pending.len(), "PostgreSQL unavailable: spilling records to disk until it returns");
+                self.spill_out(pending).await;
+            }
+            Err(WriteError::Rejected(reason)) => self.reject(pending, &reason).await,
+        }
+    }
+
+    async fn spill_out(&mut self, pending: &mut Vec<Record>) {
+        match self.spill.append(pending).await {
+            Ok(()) => {
+                self.stats.records_spilled.fetch_add(pending.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Nowhere left to keep them: count and say so, loudly.
+                self.stats.records_dropped.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                tracing::error!(error = %e, records = pending.len(), "cannot write the spill file; these records are lost");
+            }
+        }
+        pending.clear();
+    }
+
+    async fn reject(&mut self, records: &mut Vec<Record>, reason: &str) {
+        self.stats.records_rejected.fetch_add(records.len() as u64, Ordering::Relaxed);
+        tracing::error!(%reason, records = records.len(), path = %self.spill.rejected_path().display(),
+            "PostgreSQL refused a batch; kept in the rejected file");
+        if let Err(e) = self.spill.reject(records).await {
+            self.stats.records_dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot write the rejected file; these records are lost");
+        }
+        records.clear();
+    }
+
+    /// Replays spilled records, oldest first, until none are left or PostgreSQL fails again.
+    async fn replay(&mut self) {
+        loop {
+            let (mut chunk, offset) = match self.spill.peek(self.batch_rows).await {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the spill file");
+                    return;
+                }
+            };
+            let count = chunk.len();
+            if count == 0 {
+                let _ = self.spill.advance(offset, 0).await;
+                return;
+            }
+            match self.write(&chunk).await {
+                Ok(rows) => {
+                    self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
+                    self.stats.records_replayed.fetch_add(count as u64, Ordering::Relaxed);
+                }
+                Err(WriteError::Transient(_)) => return,
+                Err(WriteError::Rejected(reason)) => self.reject(&mut chunk, &reason).await,
+            }
+            if let Err(e) = self.spill.advance(offset, count).await {
+                tracing::error!(error = %e, "cannot update the spill file");
+                return;
+            }
+            if self.spill.waiting() == 0 {
+                tracing::info!("PostgreSQL is back; every spilled record has been written");
+                return;
+            }
+        }
+    }
+
+    /// One transaction: mirror changes in call order, then the log rows by COPY.
+    async fn write(&mut self, records: &[Record]) -> Result<usize, WriteError> {
+        let result = self.try_write(records).await;
+        if result.is_err() {
+            // The transaction rolled back: ids learned inside it may not exist.
+            self.catalog.clear();
+        }
+        result.map_err(|failure| match failure {
+            Failure::NoConnection => WriteError::Transient("no PostgreSQL connection within the pool timeout".into()),
+            Failure::Db(e) if is_transient(&e) => WriteError::Transient(crate::error_chain(&e)),
+            Failure::Db(e) => WriteError::Rejected(crate::error_chain(&e)),
+        })
+    }
+
+    async fn try_write(&mut self, records: &[Record]) -> Result<usize, Failure> {
+        let mut conn = match self.pool.get().await {
+            Ok(conn) => conn,
+            Err(bb8::RunError::User(e)) => return Err(Failure::Db(e)),
+            Err(bb8::RunError::TimedOut) => return Err(Failure::NoConnection),
+        };
+        let tx = conn.transaction().await?;
+        let mut batch = Batch::default();
+        for record in records {
+            let call = &record.call;
+            let user = match &call.user {
+                Some(name) => self.catalog.user_id(&tx, name).await?,
+                None => None,
+            };
+            // Resolved before the mirror change, so a drop or rename is logged against the
+            // collection it acted on. A collection Milvus just served exists even if the
+            // mirror has not seen it yet; a dropped one must not come back.
+            let create = call.success && !matches!(record.mirror, Some(MirrorOp::DropCollection { .. }));
+            let collection = match &call.collection {
+                Some(name) => self.catalog.collection(&tx, &call.database, name, create).await?,
+                None => None,
+            };
+            if let Some(op) = &record.mirror {
+                self.catalog.apply(&tx, op).await?;
+            }
+            let ids = Ids { user, collection: collection.map(|c| c.id) };
+            if let Some(p) = &record.perf {
+                batch.perf.push((call, ids, p));
+            }
+            if let Some(q) = &record.query {
+                batch.query.push((call, ids, q, collection.and_then(|c| c.dimension)));
+            }
+            if let Some(i) = &record.ingestion {
+                batch.ingestion.push((call, ids, i));
+            }
+            if let Some(a) = &record.audit {
+                batch.audit.push((call, ids, a));
+            }
+        }
+        let rows = batch.rows();
+        batch.write(&tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+}
+
+enum Failure {
+    Db(tokio_postgres::Error),
+    NoConnection,
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failure::Db(e)
+    }
+}

@@ -1,0 +1,50 @@
+//! PostgreSQL: the connection pool, migrations, and one module per family of tables.
+
+pub mod logs;
+pub mod maintenance;
+pub mod migrate;
+pub mod mirror;
+pub mod system_config;
+
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::NoTls;
+
+pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+/// A pool that connects lazily: the sidecar serves calls while PostgreSQL is away.
+pub fn pool(config: tokio_postgres::Config, size: u32) -> Pool {
+    bb8::Pool::builder()
+        .max_size(size.max(1))
+        .connection_timeout(Duration::from_secs(5))
+        // A connection PostgreSQL dropped (restart) is found out before it is handed out.
+        .test_on_check_out(true)
+        .build_unchecked(PostgresConnectionManager::new(config, NoTls))
+}
+
+/// One connection outside the pool, for migrations and LISTEN.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Whether an error may go away by itself (PostgreSQL restarting, network), as opposed to
+/// a problem with the data that retrying cannot fix.
+pub fn is_transient(err: &tokio_postgres::Error) -> bool {
+    match err.code() {
+        // Class 08 connection exceptions, 57P01-03 shutdown/cannot connect now, 53 resources,
+        // 40 serialization/deadlock.
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") || c.starts_with("40")
+        }
+        // No SQLSTATE: the connection itself failed.
+        None => true,
+    }
+}
