@@ -98,6 +98,54 @@ impl Upstream {
         })
     }
 
+    /// Calls `method` on the upstream with an (unframed) request message and returns the
+    /// reply message, for the sidecar's own calls (reconciling with Milvus). `headers` are
+    /// added to the call, e.g. `dbname`.
+    pub async fn unary(
+        &self,
+        method: &str,
+        message: &[u8],
+        headers: &[(&'static str, http::HeaderValue)],
+        within: Duration,
+    ) -> Result<bytes::Bytes, ProxyError> {
+        use http_body_util::BodyExt;
+        let mut framed = Vec::with_capacity(message.len() + super::grpc::HEADER_LEN);
+        framed.push(0);
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(message);
+        let mut request = Request::post(format!("{SERVICE_PREFIX}{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Body::Full(Some(framed.into())))
+            .expect("a static path and headers form a valid request");
+        for (name, value) in headers {
+            request.headers_mut().insert(*name, value.clone());
+        }
+        let reply = self.send(request, Some(Deadline { after: within, source: "the sidecar's own call" })).await?;
+        let unavailable = |reason: String| ProxyError::UpstreamUnavailable { upstream: self.name.clone(), reason };
+        let (parts, body) = reply.into_parts();
+        let collected = tokio::time::timeout(within, body.collect())
+            .await
+            .map_err(|_| unavailable(format!("{method} reply did not complete within {within:?}")))?
+            .map_err(|e| unavailable(crate::error_chain(&e)))?;
+        let status = collected
+            .trailers()
+            .and_then(super::grpc::outcome_in)
+            .or_else(|| super::grpc::outcome_in(&parts.headers))
+            .unwrap_or_else(|| crate::facts::Outcome::grpc(tonic::Code::Internal, "no grpc-status in the reply"));
+        if status.grpc != tonic::Code::Ok {
+            return Err(unavailable(format!(
+                "{method} failed: {:?} {}",
+                status.grpc,
+                status.message.unwrap_or_default()
+            )));
+        }
+        let body = collected.to_bytes();
+        let message = super::grpc::first_message(&body, parts.headers.get("grpc-encoding"), usize::MAX / 2)
+            .map_err(|e| unavailable(format!("{method} reply unreadable: {e:?}")))?;
+        Ok(bytes::Bytes::copy_from_slice(&message))
+    }
+
     /// Whether the upstream answers gRPC at all: any gRPC reply to `GetVersion` counts
     /// (Milvus with authentication on refuses it, which still proves it is up).
     pub async fn probe(&self, within: Duration) -> Result<(), String> {

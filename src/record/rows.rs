@@ -389,7 +389,7 @@ fn data_type_name(t: i32) -> &'static str {
 }
 
 /// Dimension (of the first dense vector field), the fields, and the description.
-fn read_schema(bytes: &[u8]) -> (Option<i32>, Value, String) {
+pub fn read_schema(bytes: &[u8]) -> (Option<i32>, Value, String) {
     use prost::Message;
     let Ok(schema) = CollectionSchema::decode(bytes) else {
         return (None, Value::Array(Vec::new()), String::new());

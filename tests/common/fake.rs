@@ -107,7 +107,12 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
     }
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let delay = parts.headers.get("x-fake-delay-ms").and_then(|v| v.to_str().ok()?.parse().ok());
     state.seen.lock().unwrap().push(Seen { method: method.clone(), headers: parts.headers, body: body.clone() });
+    // Any call can be made slow on request (after it has been seen).
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     match method.as_str() {
         "Fail" => failure(),
         "DumpMessages" => {

@@ -5,6 +5,8 @@
 
 pub mod fake;
 pub mod lite;
+pub mod pg;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,271 @@
+//! Recording in a real PostgreSQL: every call leaves its rows, settings apply while
+//! running, an outage loses and duplicates nothing, migrations and partitions behave.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::fake::FakeUpstream;
+use common::pg::TestDb;
+use common::relay::Relay;
+use common::{RawClient, encode};
+use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
+use milvus::proto::milvus::{CreateCollectionRequest, InsertRequest, MutationResult, SearchRequest, SearchResults};
+use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, SearchResultData};
+use milvus_sidecar::App;
+use milvus_sidecar::config::{Config, DatabaseArgs};
+use tonic::metadata::MetadataValue;
+
+async fn start_app(upstream: std::net::SocketAddr, database_url: String) -> (App, tempdir::Dir) {
+    let spill = tempdir::Dir::new();
+    let mut config = Config::local(format!("http://{upstream}").parse().unwrap());
+    config.database = DatabaseArgs::from_url(&database_url);
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill.path.clone();
+    config.drain_timeout = Duration::from_secs(5);
+    (App::start(config).await.expect("sidecar with recording starts"), spill)
+}
+
+/// A tiny temporary directory, removed on drop.
+mod tempdir {
+    pub struct Dir {
+        pub path: std::path::PathBuf,
+    }
+    impl Dir {
+        pub fn new() -> Dir {
+            let path = std::env::temp_dir().join(format!("sidecar-spill-{}", uuid::Uuid::now_v7()));
+            Dir { path }
+        }
+        pub fn spilled_lines(&self) -> usize {
+            std::fs::read_to_string(self.path.join("records.jsonl")).map_or(0, |s| s.lines().count())
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn search(collection: &str) -> Bytes {
+    encode(&SearchRequest {
+        collection_name: collection.into(),
+        nq: 2,
+        search_params: vec![KeyValuePair { key: "topk".into(), value: "3".into() }],
+        ..Default::default()
+    })
+}
+
+fn as_alice(body: Bytes) -> tonic::Request<Bytes> {
+    let mut request = tonic::Request::new(body);
+    // base64("alice:pw")
+    request.metadata_mut().insert("authorization", MetadataValue::from_static("YWxpY2U6cHc="));
+    request
+}
+
+/// A fake Milvus that answers Search, Insert and CreateCollection with valid replies.
+async fn fake_milvus() -> FakeUpstream {
+    {
+        let upstream = FakeUpstream::start().await;
+        let ok = MilvusStatus::default();
+        upstream.reply_with(
+            "Search",
+            encode(&SearchResults {
+                status: Some(ok.clone()),
+                results: Some(SearchResultData { num_queries: 2, top_k: 3, topks: vec![3, 2], ..Default::default() }),
+                ..Default::default()
+            }),
+        );
+        upstream.reply_with(
+            "Insert",
+            encode(&MutationResult { status: Some(ok.clone()), insert_cnt: 10, ..Default::default() }),
+        );
+        upstream.reply_with("CreateCollection", encode(&ok));
+        upstream
+    }
+}
+
+#[tokio::test]
+async fn every_call_leaves_its_rows_and_the_mirror_follows() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+
+    let schema = CollectionSchema {
+        name: "docs".into(),
+        fields: vec![
+            FieldSchema {
+                name: "id".into(),
+                is_primary_key: true,
+                data_type: DataType::Int64 as i32,
+                ..Default::default()
+            },
+            FieldSchema {
+                name: "vec".into(),
+                data_type: DataType::FloatVector as i32,
+                type_params: vec![KeyValuePair { key: "dim".into(), value: "16".into() }],
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let create = CreateCollectionRequest {
+        collection_name: "docs".into(),
+        schema: prost013::Message::encode_to_vec(&schema),
+        shards_num: 1,
+        ..Default::default()
+    };
+    client.unary_with("CreateCollection", as_alice(encode(&create))).await.unwrap();
+    client.unary_with("Search", as_alice(search("docs"))).await.unwrap();
+    let insert = InsertRequest { collection_name: "docs".into(), num_rows: 10, ..Default::default() };
+    client.unary_with("Insert", as_alice(encode(&insert))).await.unwrap();
+    client.unary("GetVersion", Bytes::new()).await.unwrap();
+    // Shutdown writes whatever is still queued.
+    app.shutdown().await;
+
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 4, "one performance row per call");
+    let c = db.client().await;
+    let row = c
+        .query_one(
+            "SELECT q.query_type, q.nq, q.top_k, q.result_count, q.username, q.query_vector_dimension, q.success
+             FROM query_logs q JOIN collections c ON c.id = q.collection_id WHERE c.collection_name = 'docs'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "search");
+    assert_eq!((row.get::<_, Option<i32>>(1), row.get::<_, Option<i32>>(2)), (Some(2), Some(3)));
+    assert_eq!(row.get::<_, Option<i64>>(3), Some(5), "hits over both queries");
+    assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some("alice"));
+    assert_eq!(row.get::<_, Option<i32>>(5), Some(16), "dimension from the mirrored schema");
+    assert!(row.get::<_, bool>(6));
+    let row =
+        c.query_one("SELECT operation, rows_sent, rows_acknowledged, bytes FROM ingestion_logs", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "insert");
+    assert_eq!((row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)), (Some(10), Some(10)));
+    assert!(row.get::<_, Option<i64>>(3).unwrap() > 0);
+    let actions: Vec<String> = c
+        .query("SELECT action FROM audit_logs ORDER BY occurred_at", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(actions, vec!["create_collection", "insert"], "state changes are audited, reads are not");
+    let row = c
+        .query_one("SELECT dimension, fields->1->>'data_type', shards_num, status FROM collections WHERE collection_name = 'docs'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<i32>>(0), Some(16));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("FloatVector"));
+    assert_eq!(row.get::<_, Option<i32>>(2), Some(1));
+    assert_eq!(row.get::<_, String>(3), "active");
+    let stats = c
+        .query_one("SELECT total_queries, successful_queries FROM collection_stats WHERE collection_name = 'docs'", &[])
+        .await
+        .unwrap();
+    assert_eq!((stats.get::<_, i64>(0), stats.get::<_, i64>(1)), (1, 1));
+}
+
+#[tokio::test]
+async fn a_postgres_outage_loses_nothing_and_duplicates_nothing() {
+    let db = TestDb::create().await;
+    let relay = Relay::start(db.server()).await;
+    let upstream = fake_milvus().await;
+    let (app, spill) = start_app(upstream.addr, db.url_via(Some(&relay.addr.to_string()))).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+
+    for _ in 0..20 {
+        client.unary("Search", search("c")).await.expect("before the outage");
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 20).await, 20);
+
+    relay.cut();
+    for _ in 0..150 {
+        client.unary("Search", search("c")).await.expect("calls keep flowing while PostgreSQL is away");
+    }
+    // The writer finds PostgreSQL gone and keeps the records on disk.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while spill.spilled_lines() < 150 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(spill.spilled_lines(), 150, "every record made during the outage is on disk");
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 20);
+
+    relay.restore();
+    for _ in 0..30 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 200).await, 200, "all arrive");
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM query_logs", 200).await, 200);
+    let stats = &app.recording.as_ref().unwrap().stats;
+    assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(stats.records_replayed.load(std::sync::atomic::Ordering::Relaxed) >= 150);
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 200, "none twice");
+    assert_eq!(spill.spilled_lines(), 0, "the spill file is gone once replayed");
+}
+
+#[tokio::test]
+async fn system_config_changes_apply_without_a_restart() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let admin = db.client().await;
+
+    admin
+        .batch_execute(
+            "UPDATE system_config SET config_value = 'false' WHERE config_key = 'enable_performance_monitoring';
+             UPDATE system_config SET config_value = '0.3' WHERE config_key = 'max_query_timeout';",
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while app.settings.performance() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!app.settings.performance(), "NOTIFY reached the running sidecar");
+    assert_eq!(app.settings.max_query_timeout(), Some(Duration::from_millis(300)));
+
+    let mut slow = tonic::Request::new(search("c"));
+    slow.metadata_mut().insert("x-fake-delay-ms", MetadataValue::from_static("2000"));
+    let status = client.unary_with("Search", slow).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    assert!(status.message().contains("max_query_timeout"), "{}", status.message());
+    let sent_upstream = upstream.last("Search").unwrap();
+    assert_eq!(sent_upstream.headers["grpc-timeout"], "300m", "Milvus is told the capped deadline too");
+
+    client
+        .unary("Insert", encode(&InsertRequest { collection_name: "c".into(), num_rows: 10, ..Default::default() }))
+        .await
+        .unwrap();
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 0, "performance rows switched off");
+    assert_eq!(db.count("SELECT count(*) FROM query_logs").await, 1, "the timed-out search is still a query row");
+    assert_eq!(db.count("SELECT count(*) FROM ingestion_logs").await, 1);
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_partitions_follow_retention() {
+    let db = TestDb::create().await;
+    let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
+    let first = milvus_sidecar::store::migrate::run(&config).await.unwrap();
+    assert_eq!(first, vec!["V1__schema".to_string()]);
+    assert!(milvus_sidecar::store::migrate::run(&config).await.unwrap().is_empty(), "re-running is a no-op");
+    assert_eq!(db.count("SELECT count(*) FROM system_config").await, 6, "the seed's default rows");
+
+    let c = db.client().await;
+    c.batch_execute("SELECT ensure_log_partitions(current_date - 120, 0)").await.unwrap();
+    let old = "SELECT count(*) FROM pg_class WHERE relname = 'audit_logs_p' || to_char(current_date - 120, 'YYYYMMDD')";
+    assert_eq!(db.count(old).await, 1);
+    let pool = milvus_sidecar::store::pool(config, 1);
+    let (created, dropped) = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!(dropped, 4, "one expired day in each of the four log tables");
+    assert_eq!(db.count(old).await, 0);
+    assert_eq!(created, 0, "the migration already created the days ahead");
+    let ahead = "SELECT count(*) FROM pg_class WHERE relname = 'query_logs_p' || to_char(current_date + 7, 'YYYYMMDD')";
+    assert_eq!(db.count(ahead).await, 1, "a week of partitions ahead");
+}
