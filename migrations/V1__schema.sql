@@ -274,7 +274,8 @@ INSERT INTO system_config (config_key, config_value, config_type, description) V
     ('default_top_k', '10', 'integer', 'Default number of results for a search'),
     ('enable_audit_logging', 'true', 'boolean', 'Write audit_logs rows'),
     ('enable_performance_monitoring', 'true', 'boolean', 'Write performance_metrics rows'),
-    ('data_retention_days', '90', 'integer', 'Days of log partitions kept before they are dropped');
+    ('data_retention_days', '90', 'integer', 'Days of log partitions kept before they are dropped'),
+    ('audit_all_calls', 'false', 'boolean', 'Audit every call, not only state changes and refusals');
 
 -- Running sidecars LISTEN on this channel and reload their settings when a row changes.
 CREATE FUNCTION notify_config_change() RETURNS trigger

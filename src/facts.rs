@@ -83,6 +83,9 @@ pub enum RequestDetail {
     Delete {
         filter: String,
     },
+    Import {
+        files: Vec<String>,
+    },
     CreateCollection {
         /// Serialized `schema.CollectionSchema`, kept for the store to read later.
         schema: Vec<u8>,

@@ -255,7 +255,28 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
     let first = milvus_sidecar::store::migrate::run(&config).await.unwrap();
     assert_eq!(first, vec!["V1__schema".to_string()]);
     assert!(milvus_sidecar::store::migrate::run(&config).await.unwrap().is_empty(), "re-running is a no-op");
-    assert_eq!(db.count("SELECT count(*) FROM system_config").await, 6, "the seed's default rows");
+    let keys: Vec<String> = db
+        .client()
+        .await
+        .query("SELECT config_key FROM system_config ORDER BY config_key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The seed's six, and the switch that extends the audit to every call.
+    assert_eq!(
+        keys,
+        [
+            "audit_all_calls",
+            "data_retention_days",
+            "default_top_k",
+            "enable_audit_logging",
+            "enable_performance_monitoring",
+            "max_query_timeout",
+            "milvus_api_endpoint"
+        ]
+    );
 
     let c = db.client().await;
     c.batch_execute("SELECT ensure_log_partitions(current_date - 120, 0)").await.unwrap();

@@ -42,6 +42,7 @@ rpcs! {
     Insert => Insert, Mutation;
     Upsert => Insert, Mutation;
     Delete => Delete, Mutation;
+    Import => Import, StatusField;
     CreateCollection => CreateCollection, BareStatus;
     DropCollection => Collection, BareStatus;
     AlterCollection => Collection, BareStatus;
@@ -69,6 +70,7 @@ pub enum Request {
     Query,
     Insert,
     Delete,
+    Import,
     CreateCollection,
     RenameCollection,
     Collection,
@@ -89,6 +91,7 @@ impl Request {
             Request::Query => "QueryRequest",
             Request::Insert => "InsertRequest",
             Request::Delete => "DeleteRequest",
+            Request::Import => "ImportRequest",
             Request::CreateCollection => "CreateCollectionRequest",
             Request::RenameCollection => "RenameCollectionRequest",
             Request::Collection => "CollectionRequest",

@@ -48,6 +48,10 @@ pub fn read_request(kind: Request, msg: &[u8]) -> Result<RequestFacts, prost::De
             let r = DeleteRequest::decode(msg)?;
             scoped(r.db_name, r.collection_name, one(r.partition_name), RequestDetail::Delete { filter: r.expr })
         }
+        Request::Import => {
+            let r = ImportRequest::decode(msg)?;
+            scoped(r.db_name, r.collection_name, one(r.partition_name), RequestDetail::Import { files: r.files })
+        }
         Request::CreateCollection => {
             let r = CreateCollectionRequest::decode(msg)?;
             let detail = RequestDetail::CreateCollection { schema: r.schema, shards: r.shards_num };

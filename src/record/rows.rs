@@ -211,6 +211,7 @@ fn ingestion_row(f: &CallFacts) -> Option<IngestionRow> {
         Rpc::Insert => "insert",
         Rpc::Upsert => "upsert",
         Rpc::Delete => "delete",
+        Rpc::Import => "import",
         _ => return None,
     };
     let rows_sent = match f.request.detail {
@@ -263,6 +264,9 @@ fn audit_row(f: &CallFacts, method: &str) -> AuditRow {
         }
         RequestDetail::Delete { filter } if !filter.is_empty() => {
             details.insert("filter".into(), json!(filter));
+        }
+        RequestDetail::Import { files } => {
+            details.insert("files".into(), json!(files));
         }
         RequestDetail::Rename { new_name, new_database } => {
             details.insert("new_name".into(), json!(new_name));
