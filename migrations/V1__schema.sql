@@ -275,7 +275,8 @@ INSERT INTO system_config (config_key, config_value, config_type, description) V
     ('enable_audit_logging', 'true', 'boolean', 'Write audit_logs rows'),
     ('enable_performance_monitoring', 'true', 'boolean', 'Write performance_metrics rows'),
     ('data_retention_days', '90', 'integer', 'Days of log partitions kept before they are dropped'),
-    ('audit_all_calls', 'false', 'boolean', 'Audit every call, not only state changes and refusals');
+    ('audit_all_calls', 'false', 'boolean', 'Audit every call, not only state changes and refusals'),
+    ('users_may_create_collections', 'true', 'boolean', 'Whether role user may create collections (else admins only)');
 
 -- Running sidecars LISTEN on this channel and reload their settings when a row changes.
 CREATE FUNCTION notify_config_change() RETURNS trigger
@@ -287,6 +288,22 @@ END
 $$;
 CREATE TRIGGER system_config_changed AFTER INSERT OR UPDATE OR DELETE ON system_config
     FOR EACH ROW EXECUTE FUNCTION notify_config_change();
+
+-- Running sidecars LISTEN here and drop their cached identities and grants, so a change
+-- made anywhere (CLI, SQL, another sidecar) applies everywhere within moments.
+CREATE FUNCTION notify_auth_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('milvus_sidecar_auth', TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER users_changed AFTER INSERT OR UPDATE OR DELETE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_auth_change();
+CREATE TRIGGER permissions_changed AFTER INSERT OR UPDATE OR DELETE ON permissions
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_auth_change();
+CREATE TRIGGER collections_changed AFTER INSERT OR UPDATE OR DELETE ON collections
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_auth_change();
 
 -- ---------------------------------------------------------------- views
 

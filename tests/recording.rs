@@ -264,7 +264,7 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    // The seed's six, and the switch that extends the audit to every call.
+    // The seed's six, the switch that extends the audit to every call, and who may create.
     assert_eq!(
         keys,
         [
@@ -274,7 +274,8 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
             "enable_audit_logging",
             "enable_performance_monitoring",
             "max_query_timeout",
-            "milvus_api_endpoint"
+            "milvus_api_endpoint",
+            "users_may_create_collections"
         ]
     );
 

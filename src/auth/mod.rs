@@ -1,6 +1,9 @@
 //! Who the caller is. For now only who they *claim* to be, read from the `authorization`
 //! header exactly as the Milvus SDKs send it; verification comes with authentication.
 
+pub mod password;
+pub mod policy;
+
 use base64::Engine;
 use http::HeaderMap;
 
