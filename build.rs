@@ -2,10 +2,11 @@
 // protoc-bin-vendored crate so a fresh machine needs no system package.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/views.proto");
+    println!("cargo:rerun-if-changed=proto/sync.proto");
     if std::env::var_os("PROTOC").is_none() {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
-    prost_build::Config::new().compile_protos(&["proto/views.proto"], &["proto"])?;
+    prost_build::Config::new().compile_protos(&["proto/views.proto", "proto/sync.proto"], &["proto"])?;
     Ok(())
 }

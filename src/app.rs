@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::auth::authority::{AuthConfig, Authority, bootstrap_root};
 use crate::config::Config;
 use crate::record::{LogRecorder, Recorder, Recording};
 use crate::settings::Settings;
@@ -24,7 +25,14 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let settings = Arc::new(Settings::default());
         let mut background = Vec::new();
+        let mut auth = None;
         let (recorder, recording): (Arc<dyn Recorder>, _) = if config.recording.no_recording {
+            if !config.auth.no_auth {
+                anyhow::bail!(
+                    "authentication needs PostgreSQL (users and grants live there): drop --no-recording, \
+                     or pass --no-auth as well to let every call through unchecked"
+                );
+            }
             tracing::warn!("recording is off (--no-recording): calls are logged, nothing is written to PostgreSQL");
             (Arc::new(LogRecorder), None)
         } else {
@@ -40,6 +48,25 @@ impl App {
             system_config::load(&client, &settings).await.context("cannot read system_config")?;
             drop(client);
             let pool = store::pool(pg.clone(), config.database.db_pool_size);
+            if !config.auth.no_auth {
+                bootstrap_root(&pool, &config.auth.root_password).await.context("cannot create the root user")?;
+                let a = &config.auth;
+                let authority = Arc::new(Authority::new(
+                    pool.clone(),
+                    AuthConfig {
+                        credential_ttl: a.credential_cache_ttl,
+                        anonymous_user: a.anonymous_user.clone(),
+                        unknown_methods: a.unknown_methods,
+                        fail_open: a.auth_fail_open,
+                    },
+                    settings.clone(),
+                ));
+                background.push(authority.watch(pg.clone()));
+                auth = Some(authority);
+            }
+            // Collections Milvus held before the sidecar (or got behind its back) join the
+            // mirror; in the background, so serving never waits on it.
+            background.push(crate::sync::spawn(&config, pg.clone()));
             background.push(system_config::watch(pg, settings.clone()));
             background.push(maintenance::spawn(pool.clone(), settings.clone()));
             let recording = Recording::start(pool, settings.clone(), &config.recording)
@@ -47,7 +74,10 @@ impl App {
                 .with_context(|| format!("cannot open the spill directory {}", config.recording.spill_dir.display()))?;
             (recording.recorder.clone() as Arc<dyn Recorder>, Some(recording))
         };
-        let running = start(config, recorder, settings.clone()).await?;
+        if auth.is_none() {
+            tracing::warn!("authentication is OFF (--no-auth): every call is forwarded without checks");
+        }
+        let running = start(config, recorder, settings.clone(), auth).await?;
         Ok(App { running, settings, recording, background })
     }
 

@@ -28,6 +28,41 @@ pub enum Command {
     Serve(Box<Config>),
     /// Create or update the PostgreSQL schema, then exit (a no-op when up to date).
     Migrate(DatabaseArgs),
+    /// Bring the mirror (collections, partitions, indexes) in step with what the upstream
+    /// Milvus holds, then exit. `serve` also does this once at start-up.
+    Sync(SyncArgs),
+
+    // ---- administration (src/cli/): users, grants, settings, statistics, audit trail ----
+    /// Create, list, show, disable, enable users, or set a user's password.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Grant USER a permission level on COLLECTION (`coll` or `db.coll`). Idempotent.
+    Grant(GrantArgs),
+    /// Revoke USER's grant on COLLECTION: one LEVEL, or all of them when LEVEL is left out.
+    Revoke(RevokeArgs),
+    /// Whether USER may do what needs LEVEL on COLLECTION.
+    #[command(after_help = "Exit status: 0 allowed, 1 denied, 2 unknown user or collection or bad usage, \
+                            3 PostgreSQL unreachable or another failure.")]
+    Check(CheckArgs),
+    /// Read or change the settings in `system_config` (running sidecars pick changes up).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Call statistics from the recorded rows.
+    #[command(subcommand)]
+    Stats(StatsCommand),
+    /// The audit trail, newest first.
+    Audit(AuditArgs),
+}
+
+/// What `sync` reads (`--upstream`, as for `serve`) and the PostgreSQL it updates.
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    /// The Milvus proxy whose collections are read.
+    #[arg(long, env = "MILVUS_SIDECAR_UPSTREAM", default_value = "http://127.0.0.1:19530", value_parser = parse_upstream)]
+    pub upstream: http::Uri,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// Where PostgreSQL is: `--database-url` / `DATABASE_URL`, else the seed's `POSTGRES_*`.
@@ -169,6 +204,77 @@ pub struct Config {
 
     #[command(flatten)]
     pub recording: RecordingArgs,
+
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Who may call, and how the sidecar presents itself to Milvus.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// Let every call through without authentication or permission checks. Only for a
+    /// trusted network; the log says so at start-up.
+    #[arg(long, env = "MILVUS_SIDECAR_NO_AUTH")]
+    pub no_auth: bool,
+
+    /// Initial password of the `root` admin created on a fresh database.
+    #[arg(
+        long,
+        env = "MILVUS_SIDECAR_ROOT_PASSWORD",
+        default_value = "Milvus",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
+    pub root_password: String,
+
+    /// Calls without an `authorization` header act as this user (off unless set).
+    #[arg(long, env = "MILVUS_SIDECAR_ANONYMOUS_USER")]
+    pub anonymous_user: Option<String>,
+
+    /// Methods this build does not know (newer Milvus): admins only, or allowed to all.
+    #[arg(long, env = "MILVUS_SIDECAR_UNKNOWN_METHODS", value_enum, default_value_t = crate::auth::authority::UnknownMethods::AdminOnly)]
+    pub unknown_methods: crate::auth::authority::UnknownMethods,
+
+    /// When PostgreSQL is unreachable and a permission is not cached, allow the call
+    /// instead of refusing it with UNAVAILABLE.
+    #[arg(long, env = "MILVUS_SIDECAR_AUTH_FAIL_OPEN")]
+    pub auth_fail_open: bool,
+
+    /// How long a verified credential is trusted before PostgreSQL is asked again
+    /// (changes to users and grants apply at once regardless, through NOTIFY).
+    #[arg(long, env = "MILVUS_SIDECAR_CREDENTIAL_CACHE_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub credential_cache_ttl: Duration,
+
+    /// Credential sent to Milvus instead of the caller's (`user:password` or a token),
+    /// for a Milvus with authentication of its own. Unset: the caller's header passes through.
+    #[arg(long, env = "MILVUS_SIDECAR_UPSTREAM_CREDENTIAL", hide_env_values = true)]
+    pub upstream_credential: Option<String>,
+}
+
+impl AuthArgs {
+    /// The `authorization` value to send upstream, if the caller's is replaced.
+    pub fn upstream_credential_header(&self) -> Option<http::HeaderValue> {
+        use base64::Engine;
+        let credential = self.upstream_credential.as_ref()?;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(credential);
+        let mut value = http::HeaderValue::from_str(&encoded).expect("base64 is a valid header value");
+        value.set_sensitive(true);
+        Some(value)
+    }
+}
+
+impl Default for AuthArgs {
+    fn default() -> Self {
+        AuthArgs {
+            no_auth: false,
+            root_password: "Milvus".into(),
+            anonymous_user: None,
+            unknown_methods: crate::auth::authority::UnknownMethods::AdminOnly,
+            auth_fail_open: false,
+            credential_cache_ttl: Duration::from_secs(60),
+            upstream_credential: None,
+        }
+    }
 }
 
 impl Config {
@@ -193,6 +299,7 @@ impl Config {
                 flush_interval: Duration::from_millis(20),
                 spill_dir: std::env::temp_dir().join("milvus-sidecar-spill"),
             },
+            auth: AuthArgs { no_auth: true, ..AuthArgs::default() },
         }
     }
 }
@@ -204,6 +311,217 @@ fn parse_upstream(s: &str) -> Result<http::Uri, String> {
         (Some("https"), _) => Err("TLS to the upstream is not supported yet; use http://".into()),
         _ => Err(format!("expected http://HOST:PORT, got {s:?}")),
     }
+}
+
+// ---------------------------------------------------------------- administration commands
+// Arguments of the `user`, `grant`, `revoke`, `check`, `config`, `stats` and `audit`
+// commands; src/cli/ carries them out. Every command takes the database flags itself, so
+// they may follow the command's own arguments. Passwords are never arguments.
+
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = crate::auth::policy::Role> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["admin", "user"])
+        .map(|s| crate::auth::policy::Role::parse(&s).expect("one of the possible values"))
+}
+
+fn level_parser() -> impl clap::builder::TypedValueParser<Value = crate::auth::policy::Level> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["read", "write", "admin"])
+        .map(|s| crate::auth::policy::Level::parse(&s).expect("one of the possible values"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user. The password is prompted for twice on a terminal, else read as one
+    /// line from standard input.
+    Create(UserCreateArgs),
+    /// List the users.
+    List(ListArgs),
+    /// Show one user and their grants.
+    Show(UserShowArgs),
+    /// Disable a user: every call they make is refused (their grants are kept).
+    Disable(UserNameArgs),
+    /// Enable a disabled user again.
+    Enable(UserNameArgs),
+    /// Set a user's password (prompted for, or read from standard input).
+    SetPassword(SetPasswordArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UserCreateArgs {
+    /// The user name, as the Milvus SDKs send it (`user:password`).
+    pub name: String,
+    #[arg(long)]
+    pub email: Option<String>,
+    /// `admin` may do everything; `user` needs grants.
+    #[arg(long, default_value = "user", value_parser = role_parser())]
+    pub role: crate::auth::policy::Role,
+    /// Read the password as one line from standard input, even on a terminal.
+    #[arg(long)]
+    pub password_stdin: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetPasswordArgs {
+    pub name: String,
+    /// Read the password as one line from standard input, even on a terminal.
+    #[arg(long)]
+    pub password_stdin: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UserNameArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UserShowArgs {
+    pub name: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+/// A listing with no arguments of its own.
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Print a JSON array of objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GrantArgs {
+    pub user: String,
+    /// `collection` (database `default`) or `database.collection`, as in Milvus.
+    pub collection: String,
+    #[arg(value_parser = level_parser())]
+    pub level: crate::auth::policy::Level,
+    /// The user recorded as having granted it.
+    #[arg(long)]
+    pub granted_by: Option<String>,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RevokeArgs {
+    pub user: String,
+    /// `collection` (database `default`) or `database.collection`, as in Milvus.
+    pub collection: String,
+    /// The level to revoke; all of the user's grants on the collection when left out.
+    #[arg(value_parser = level_parser())]
+    pub level: Option<crate::auth::policy::Level>,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    pub user: String,
+    /// `collection` (database `default`) or `database.collection`, as in Milvus.
+    pub collection: String,
+    #[arg(value_parser = level_parser())]
+    pub level: crate::auth::policy::Level,
+    /// Print a JSON object instead of `allowed` / `denied: why`.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print one setting's value.
+    Get(ConfigGetArgs),
+    /// Change (or add) a setting. Values of the settings the sidecar uses are checked.
+    Set(ConfigSetArgs),
+    /// List every setting.
+    List(ListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigGetArgs {
+    pub key: String,
+    /// Print the whole row as a JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigSetArgs {
+    pub key: String,
+    pub value: String,
+    /// The value's type; an existing setting keeps its type when left out, a new one is a string.
+    #[arg(long = "type", value_parser = ["string", "integer", "boolean", "json"])]
+    pub config_type: Option<String>,
+    /// A description for people (kept as it was when left out).
+    #[arg(long)]
+    pub description: Option<String>,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StatsCommand {
+    /// Per operation: calls, success rate and durations (performance_metrics).
+    Performance(StatsPerformanceArgs),
+    /// Per live collection: partitions, users with grants, queries (the collection_stats view).
+    Collections(ListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatsPerformanceArgs {
+    /// Only this collection (`collection` or `database.collection`).
+    #[arg(long)]
+    pub collection: Option<String>,
+    /// How many days back.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub days: u32,
+    /// Print a JSON array of objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Only calls made by this user name.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only this action (`create_collection`, `insert`, `search`...).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only this resource type.
+    #[arg(long, value_parser = [
+        "collection", "partition", "index", "database", "alias", "data", "user", "role",
+        "permission", "resource_group", "system", "other",
+    ])]
+    pub resource_type: Option<String>,
+    /// Only entries since this time: RFC 3339 (`2025-01-31T12:00:00Z`) or a duration ago (`24h`, `7d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many entries.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+    /// Print a JSON array of objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod admin;
 mod app;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod facts;
 pub mod milvus;
@@ -12,6 +13,7 @@ pub mod record;
 mod server;
 pub mod settings;
 pub mod store;
+pub mod sync;
 
 pub use app::App;
 pub use server::{Running, start};

@@ -1,6 +1,6 @@
 use clap::Parser;
 use milvus_sidecar::App;
-use milvus_sidecar::config::{Cli, Command, Config, DatabaseArgs, LogFormat};
+use milvus_sidecar::config::{Cli, Command, Config, DatabaseArgs, LogFormat, SyncArgs};
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
@@ -10,6 +10,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(config) => runtime(config.worker_threads).and_then(|rt| rt.block_on(serve(*config))),
         Command::Migrate(database) => runtime(1).and_then(|rt| rt.block_on(migrate(database))),
+        Command::Sync(args) => runtime(1).and_then(|rt| rt.block_on(sync(args))),
+        // Administration commands report their own errors and choose their exit status.
+        Command::User(_)
+        | Command::Grant(_)
+        | Command::Revoke(_)
+        | Command::Check(_)
+        | Command::Config(_)
+        | Command::Stats(_)
+        | Command::Audit(_) => return milvus_sidecar::cli::run(cli.command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,6 +74,17 @@ async fn migrate(database: DatabaseArgs) -> anyhow::Result<()> {
             println!("applied {name}");
         }
     }
+    Ok(())
+}
+
+async fn sync(args: SyncArgs) -> anyhow::Result<()> {
+    let mut client = milvus_sidecar::store::connect(&args.database.pg_config()?)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {}", milvus_sidecar::error_chain(&e)))?;
+    let upstream = milvus_sidecar::sync::upstream(&args.upstream);
+    let report = milvus_sidecar::sync::run(&upstream, &mut client).await?;
+    println!("synced the mirror with Milvus at {}", upstream.name());
+    print!("{report}");
     Ok(())
 }
 

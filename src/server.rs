@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin;
+use crate::auth::authority::Authority;
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::record::Recorder;
@@ -29,13 +30,18 @@ pub struct Running {
 }
 
 /// Binds both listeners and starts serving in the background.
-pub async fn start(config: Config, recorder: Arc<dyn Recorder>, settings: Arc<Settings>) -> io::Result<Running> {
+pub async fn start(
+    config: Config,
+    recorder: Arc<dyn Recorder>,
+    settings: Arc<Settings>,
+    auth: Option<Arc<Authority>>,
+) -> io::Result<Running> {
     let listener = bind(config.listen, "client").await?;
     let admin_listener = bind(config.admin_listen, "admin").await?;
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let proxy = Proxy::new(&config, recorder, settings);
+    let proxy = Proxy::new(&config, recorder, settings, auth);
     let (shutdown, stop) = watch::channel(false);
     let draining = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(admin::serve(admin_listener, proxy.upstream().clone(), draining.clone(), stop.clone()));

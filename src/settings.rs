@@ -12,6 +12,7 @@ pub struct Settings {
     /// Milliseconds; 0 means no cap.
     max_query_timeout_ms: AtomicU64,
     retention_days: AtomicU32,
+    users_may_create_collections: AtomicBool,
 }
 
 impl Default for Settings {
@@ -23,6 +24,7 @@ impl Default for Settings {
             performance: AtomicBool::new(true),
             max_query_timeout_ms: AtomicU64::new(300_000),
             retention_days: AtomicU32::new(90),
+            users_may_create_collections: AtomicBool::new(true),
         }
     }
 }
@@ -49,6 +51,11 @@ impl Settings {
         }
     }
 
+    /// Whether role `user` may create collections (else only admins).
+    pub fn users_may_create_collections(&self) -> bool {
+        self.users_may_create_collections.load(Ordering::Relaxed)
+    }
+
     pub fn retention_days(&self) -> u32 {
         self.retention_days.load(Ordering::Relaxed)
     }
@@ -73,6 +80,9 @@ impl Settings {
                     value.trim().parse().ok().filter(|s: &f64| *s >= 0.0).ok_or_else(|| bad("a number of seconds"))?;
                 self.max_query_timeout_ms.store((secs * 1000.0) as u64, Ordering::Relaxed)
             }
+            "users_may_create_collections" => self
+                .users_may_create_collections
+                .store(parse_bool(value).ok_or_else(|| bad("a boolean"))?, Ordering::Relaxed),
             "data_retention_days" => {
                 let days: u32 =
                     value.trim().parse().ok().filter(|d| *d > 0).ok_or_else(|| bad("a positive number of days"))?;

@@ -69,14 +69,17 @@ fn service_methods(text: &str) -> HashMap<String, String> {
 
 /// Field number -> (type, repeated) of a top-level message, and its privilege option's
 /// (object_type, object_name_index) if it has one.
+/// Field number -> (type, repeated).
+type Fields = HashMap<u32, (String, bool)>;
+
 /// None for a message defined in another file (feder.proto's segment-level ones).
-fn message(text: &str, name: &str) -> Option<(HashMap<u32, (String, bool)>, Option<(String, i64)>)> {
+fn message(text: &str, name: &str) -> Option<(Fields, Option<(String, i64)>)> {
     let body = block(text, &format!("\nmessage {name} {{")).or_else(|| block(text, &format!("\nmessage {name}{{")))?;
     let mut fields = HashMap::new();
     for statement in without_nested_blocks(body).split(';') {
         let s = statement.trim();
         if let Some((decl, number)) = s.rsplit_once('=')
-            && let Ok(number) = number.trim().split_whitespace().next().unwrap_or("").parse::<u32>()
+            && let Ok(number) = number.split_whitespace().next().unwrap_or("").parse::<u32>()
         {
             let words: Vec<&str> = decl.split_whitespace().collect();
             let repeated = words.first() == Some(&"repeated");

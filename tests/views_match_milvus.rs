@@ -189,3 +189,33 @@ fn the_check_catches_a_view_with_a_wrong_field() {
     check(&milvus, &views, "CreateIndexRequest", "DropIndexRequest", "DropIndex", &mut problems);
     assert!(problems.iter().any(|p| p.contains("field 5")), "{problems:?}");
 }
+
+/// `milvus-sidecar sync` reads Milvus's replies through its own views (proto/sync.proto),
+/// and DescribeIndex through views.proto's: the same check, RPC by RPC.
+#[test]
+fn sync_views_read_the_milvus_messages_they_stand_for() {
+    let (milvus, views) = load();
+    let mut sync = Protos::default();
+    sync.parse(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/sync.proto")).unwrap());
+    let mut problems = Vec::new();
+    let calls = [
+        ("ListDatabases", &sync, "ListDatabasesRequest", "ListDatabasesResponse"),
+        ("ShowCollections", &sync, "ShowCollectionsRequest", "ShowCollectionsResponse"),
+        ("DescribeCollection", &sync, "CollectionRequest", "DescribeCollectionResponse"),
+        ("ShowPartitions", &sync, "CollectionRequest", "ShowPartitionsResponse"),
+        ("DescribeIndex", &views, "IndexNameRequest", "DescribeIndexResponse"),
+    ];
+    for (rpc, ours, request_view, reply_view) in calls {
+        let (request, reply) = &milvus.rpcs[rpc];
+        check(&milvus, ours, request_view, request, rpc, &mut problems);
+        check(&milvus, ours, reply_view, reply, &format!("{rpc} reply"), &mut problems);
+    }
+    // Deliberate, and the only difference allowed: sync declares DescribeCollectionResponse's
+    // schema (2) as `bytes` to hand the encoded schema to `read_schema`, where Milvus has a
+    // schema.CollectionSchema message. Both are length-delimited, so the bytes are exactly
+    // the embedded message's, which views.proto's CollectionSchema (checked above) reads.
+    let schema_as_bytes = "DescribeCollection reply: DescribeCollectionResponse field 2 is bytes but Milvus's DescribeCollectionResponse has CollectionSchema";
+    assert!(problems.iter().any(|p| p == schema_as_bytes), "the schema-as-bytes difference is found: {problems:?}");
+    problems.retain(|p| p != schema_as_bytes);
+    assert!(problems.is_empty(), "sync's views disagree with Milvus:\n{}", problems.join("\n"));
+}

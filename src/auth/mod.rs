@@ -1,6 +1,8 @@
 //! Who the caller is. For now only who they *claim* to be, read from the `authorization`
 //! header exactly as the Milvus SDKs send it; verification comes with authentication.
 
+pub mod authority;
+pub mod identity;
 pub mod password;
 pub mod policy;
 

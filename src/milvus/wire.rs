@@ -29,7 +29,8 @@ pub fn strings(msg: &[u8], number: u32) -> Option<Vec<&str>> {
     Some(out)
 }
 
-fn varint(buf: &mut &[u8]) -> Option<u64> {
+/// Reads one base-128 varint from the front of `buf`, advancing it.
+pub fn varint(buf: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
     for i in 0..10 {
         let byte = *buf.get(i)?;

@@ -21,6 +21,8 @@ pub enum Body {
     Raw(Incoming),
     /// A reply streamed back to the client while it is being observed.
     Observed(Observed),
+    /// A reply the sidecar rewrote (a filtered listing): its message, then its trailers.
+    Complete { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
 }
 
 impl http_body::Body for Body {
@@ -33,6 +35,10 @@ impl http_body::Body for Body {
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Raw(inner) => Pin::new(inner).poll_frame(cx),
             Body::Observed(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Complete { data, trailers } => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
         }
     }
 
@@ -42,6 +48,7 @@ impl http_body::Body for Body {
             Body::Full(data) => data.is_none(),
             Body::Raw(inner) => inner.is_end_stream(),
             Body::Observed(inner) => inner.is_end_stream(),
+            Body::Complete { data, trailers } => data.is_none() && trailers.is_none(),
         }
     }
 
@@ -51,6 +58,7 @@ impl http_body::Body for Body {
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Raw(inner) => inner.size_hint(),
             Body::Observed(inner) => inner.size_hint(),
+            Body::Complete { .. } => SizeHint::default(),
         }
     }
 }

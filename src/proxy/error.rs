@@ -18,16 +18,37 @@ pub enum ProxyError {
         "{method} message of {size} bytes exceeds the sidecar's limit of {limit} bytes \
          (--max-message-bytes / MILVUS_SIDECAR_MAX_MESSAGE_BYTES)"
     )]
-    TooLarge { method: &'static str, size: u64, limit: usize },
+    TooLarge { method: String, size: u64, limit: usize },
 
     #[error("the sidecar cannot read {encoding:?}-compressed messages; send them uncompressed or with gzip")]
     UnsupportedEncoding { encoding: String },
 
     #[error("{method}: request body is not a valid milvus.proto.milvus.{method}Request ({reason})")]
-    Malformed { method: &'static str, reason: String },
+    Malformed { method: String, reason: String },
 
     #[error("the client went away before its request was complete: {0}")]
     ClientGone(String),
+
+    /// Milvus's own wording, so SDKs show the same message through the sidecar.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    #[error("{0}")]
+    AuthUnavailable(String),
+}
+
+impl From<crate::auth::authority::AuthError> for ProxyError {
+    fn from(e: crate::auth::authority::AuthError) -> Self {
+        use crate::auth::authority::AuthError;
+        match e {
+            AuthError::Unauthenticated(msg) => ProxyError::Unauthenticated(msg),
+            AuthError::PermissionDenied(msg) => ProxyError::PermissionDenied(msg),
+            AuthError::Unavailable(msg) => ProxyError::AuthUnavailable(msg),
+        }
+    }
 }
 
 impl ProxyError {
@@ -40,6 +61,9 @@ impl ProxyError {
             ProxyError::UnsupportedEncoding { .. } => Code::Unimplemented,
             ProxyError::Malformed { .. } => Code::InvalidArgument,
             ProxyError::ClientGone(_) => Code::Cancelled,
+            ProxyError::Unauthenticated(_) => Code::Unauthenticated,
+            ProxyError::PermissionDenied(_) => Code::PermissionDenied,
+            ProxyError::AuthUnavailable(_) => Code::Unavailable,
         }
     }
 

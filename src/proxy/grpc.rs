@@ -61,7 +61,8 @@ pub enum MessageError {
 }
 
 impl MessageError {
-    pub fn into_proxy_error(self, method: &'static str, limit: usize) -> ProxyError {
+    pub fn into_proxy_error(self, method: &str, limit: usize) -> ProxyError {
+        let method = method.to_owned();
         match self {
             MessageError::Truncated => ProxyError::Malformed { method, reason: "truncated gRPC message".into() },
             MessageError::TooLarge => ProxyError::TooLarge { method, size: limit as u64 + 1, limit },

@@ -7,6 +7,7 @@ mod error;
 pub mod grpc;
 mod inspect;
 mod observe;
+mod rewrite;
 mod upstream;
 
 use std::convert::Infallible;
@@ -16,17 +17,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 pub use body::Body;
 pub use error::ProxyError;
-use observe::{InFlight, Observed, Pending, ReplyCapture};
+use observe::{CreatedHook, InFlight, Observed, Pending, ReplyCapture};
 pub use upstream::{Deadline, Upstream};
 
+use crate::auth::authority::{Authority, Principal};
+use crate::auth::policy::Role;
 use crate::config::Config;
 use crate::facts::{CallFacts, Client, DEFAULT_DATABASE, Method, Outcome};
-use crate::milvus::Rpc;
+use crate::milvus::access::{self, Access, MethodRule};
+use crate::milvus::{Rpc, views, wire};
 use crate::record::Recorder;
 use crate::settings::Settings;
 
@@ -43,13 +49,28 @@ struct Shared {
     upstream: Upstream,
     recorder: Arc<dyn Recorder>,
     settings: Arc<Settings>,
+    /// None: every call is let through unauthenticated (`--no-auth`).
+    auth: Option<Arc<Authority>>,
+    /// Replaces the caller's `authorization` upstream, when Milvus checks its own.
+    upstream_credential: Option<http::HeaderValue>,
     max_message_bytes: usize,
 }
 
 impl Proxy {
-    pub fn new(config: &Config, recorder: Arc<dyn Recorder>, settings: Arc<Settings>) -> Self {
-        let shared =
-            Shared { upstream: Upstream::new(config), recorder, settings, max_message_bytes: config.max_message_bytes };
+    pub fn new(
+        config: &Config,
+        recorder: Arc<dyn Recorder>,
+        settings: Arc<Settings>,
+        auth: Option<Arc<Authority>>,
+    ) -> Self {
+        let shared = Shared {
+            upstream: Upstream::new(config),
+            recorder,
+            settings,
+            auth,
+            upstream_credential: config.auth.upstream_credential_header(),
+            max_message_bytes: config.max_message_bytes,
+        };
         Proxy { shared: Arc::new(shared) }
     }
 
@@ -82,6 +103,7 @@ impl hyper::service::Service<Request<Incoming>> for PeerService {
 }
 
 impl Shared {
+    /// identify -> read what is needed -> authorize -> forward -> observe.
     async fn handle(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
@@ -90,39 +112,160 @@ impl Shared {
         }
         let rpc = Rpc::from_path(parts.uri.path());
         let mut call = self.start_call(rpc, &parts, peer, started);
+        let method = call.facts.method.clone();
 
-        let body = match rpc {
-            Some(rpc) => match inspect::read_request(rpc, &parts.headers, body, self.max_message_bytes).await {
-                Ok((bytes, facts)) => {
-                    call.facts.request_bytes = bytes.len() as u64;
-                    if let Some(db) = &facts.database {
-                        call.facts.database.clone_from(db);
-                    }
-                    call.facts.request = facts;
-                    call.reply = Some(ReplyCapture {
-                        kind: rpc.reply(),
-                        encoding: None,
-                        limit: self.max_message_bytes,
-                        gathered: Default::default(),
-                        overflowed: false,
-                    });
-                    Body::Full(Some(bytes))
+        let who = match &self.auth {
+            Some(auth) => match auth.identify(&parts.headers).await {
+                Ok(principal) => {
+                    call.facts.client.user = Some(principal.name.to_string());
+                    Some((auth, principal))
                 }
-                Err(refusal) => return answer_ourselves(call, refusal),
+                Err(refusal) => return answer_ourselves(call, refusal.into()),
             },
-            None => Body::Raw(body),
+            None => None,
+        };
+        let rule = access::rule(method.name());
+        let scoped = matches!(rule, Some(MethodRule { access: Access::Collection { .. }, .. }));
+        let listing = method.name() == "ShowCollections";
+        let needs_body = rpc.is_some() || (who.is_some() && (scoped || listing));
+
+        let mut database_in_body = None;
+        let body = if needs_body {
+            let bytes = match inspect::gather(method.name(), body, self.max_message_bytes).await {
+                Ok(bytes) => bytes,
+                Err(refusal) => return answer_ourselves(call, refusal),
+            };
+            call.facts.request_bytes = bytes.len() as u64;
+            let message = match grpc::first_message(&bytes, parts.headers.get("grpc-encoding"), self.max_message_bytes)
+            {
+                Ok(message) => message,
+                Err(e) => return answer_ourselves(call, e.into_proxy_error(method.name(), self.max_message_bytes)),
+            };
+            if let Some(rpc) = rpc {
+                match views::read_request(rpc.request(), &message) {
+                    Ok(facts) => {
+                        if let Some(db) = &facts.database {
+                            call.facts.database.clone_from(db);
+                        }
+                        call.facts.request = facts;
+                        call.reply = Some(ReplyCapture {
+                            kind: rpc.reply(),
+                            encoding: None,
+                            limit: self.max_message_bytes,
+                            gathered: Default::default(),
+                            overflowed: false,
+                        });
+                    }
+                    Err(e) => {
+                        let refusal = ProxyError::Malformed { method: method.name().to_owned(), reason: e.to_string() };
+                        return answer_ourselves(call, refusal);
+                    }
+                }
+            }
+            if let Some((auth, principal)) = &who {
+                let targets = match targets(rule, &message, &call.facts.database) {
+                    Some(targets) => targets,
+                    None => {
+                        let reason = "request body is not valid protobuf".to_owned();
+                        return answer_ourselves(
+                            call,
+                            ProxyError::Malformed { method: method.name().to_owned(), reason },
+                        );
+                    }
+                };
+                if call.facts.request.collection.is_none() {
+                    call.facts.request.collection = targets.first().map(|(_, c)| c.clone());
+                }
+                if let Err(refusal) = auth.authorize(principal, rule, &targets).await {
+                    return answer_ourselves(call, refusal.into());
+                }
+                if listing {
+                    database_in_body = wire::strings(&message, 2).and_then(|v| v.first().map(|s| s.to_string()));
+                }
+            }
+            Body::Full(Some(bytes))
+        } else {
+            if let Some((auth, principal)) = &who
+                && let Err(refusal) = auth.authorize(principal, rule, &[]).await
+            {
+                return answer_ourselves(call, refusal.into());
+            }
+            Body::Raw(body)
         };
 
-        let deadline = self.deadline(rpc, &mut parts.headers);
-        match self.upstream.send(Request::from_parts(parts, body), deadline).await {
-            Ok(reply) => {
-                let (parts, inner) = reply.into_parts();
-                let upstream = self.upstream.name().clone();
-                let observed = Observed::new(parts.status, &parts.headers, inner, Pending::new(call), upstream);
-                Response::from_parts(parts, Body::Observed(observed))
-            }
-            Err(failure) => answer_ourselves(call, failure),
+        if let Some((auth, principal)) = &who
+            && principal.role != Role::Admin
+        {
+            call.on_created = Some(CreatedHook { authority: (*auth).clone(), principal: principal.clone() });
         }
+        if let Some(credential) = &self.upstream_credential {
+            parts.headers.insert(http::header::AUTHORIZATION, credential.clone());
+        }
+        let deadline = self.deadline(rpc, &mut parts.headers);
+        let reply = match self.upstream.send(Request::from_parts(parts, body), deadline).await {
+            Ok(reply) => reply,
+            Err(failure) => return answer_ourselves(call, failure),
+        };
+        if listing
+            && let Some((auth, principal)) = &who
+            && principal.role != Role::Admin
+        {
+            let database = database_in_body.filter(|d| !d.is_empty()).unwrap_or_else(|| call.facts.database.clone());
+            return self.filtered_listing(reply, call, auth, principal, database).await;
+        }
+        let (parts, inner) = reply.into_parts();
+        let upstream = self.upstream.name().clone();
+        let observed = Observed::new(parts.status, &parts.headers, inner, Pending::new(call), upstream);
+        Response::from_parts(parts, Body::Observed(observed))
+    }
+
+    /// ShowCollections for a caller who is not an admin: only what they may read.
+    async fn filtered_listing(
+        &self,
+        reply: Response<Incoming>,
+        call: InFlight,
+        auth: &Authority,
+        principal: &Principal,
+        database: String,
+    ) -> Response<Body> {
+        let grants = match auth.grants(principal).await {
+            Ok(grants) => grants,
+            Err(refusal) => return answer_ourselves(call, refusal.into()),
+        };
+        let (parts, body) = reply.into_parts();
+        let collected = match body.collect().await {
+            Ok(collected) => collected,
+            Err(e) => {
+                let reason = format!("reply broken off: {}", crate::error_chain(&e));
+                let failure = ProxyError::UpstreamUnavailable { upstream: self.upstream.name().clone(), reason };
+                return answer_ourselves(call, failure);
+            }
+        };
+        let trailers = collected.trailers().cloned();
+        let bytes = collected.to_bytes();
+        let outcome = trailers.as_ref().and_then(grpc::outcome_in).or_else(|| grpc::outcome_in(&parts.headers));
+        let rewritten = grpc::first_message(&bytes, parts.headers.get("grpc-encoding"), self.max_message_bytes)
+            .ok()
+            .and_then(|msg| {
+                rewrite::filter_show_collections(&msg, |name| Authority::may_read(principal, &grants, &database, name))
+            });
+        let body = match rewritten {
+            Some(message) => {
+                let mut framed = Vec::with_capacity(message.len() + grpc::HEADER_LEN);
+                framed.push(0); // re-sent uncompressed; the grpc-encoding header goes
+                framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                framed.extend_from_slice(&message);
+                Bytes::from(framed)
+            }
+            // An empty or unreadable reply (an error status) passes as it came.
+            None => bytes,
+        };
+        let mut parts = parts;
+        parts.headers.remove("grpc-encoding");
+        let mut pending = Pending::new(call);
+        pending.set_sizes(body.len() as u64);
+        pending.finish(outcome.unwrap_or_default());
+        Response::from_parts(parts, Body::Complete { data: Some(body), trailers })
     }
 
     /// The client's deadline, capped by `max_query_timeout` for searches and queries. A cap
@@ -175,8 +318,22 @@ impl Shared {
             recorder: self.recorder.clone(),
             finished: false,
             reply: None,
+            on_created: None,
         }
     }
+}
+
+/// The (database, collection) pairs a request names, where its rule says to look.
+/// Some(empty) when the rule names no collection; None when the body is not protobuf.
+fn targets(rule: Option<MethodRule>, message: &[u8], default_database: &str) -> Option<Vec<(String, String)>> {
+    let Some(MethodRule { access: Access::Collection { target, .. }, .. }) = rule else { return Some(Vec::new()) };
+    let database = match target.database_field {
+        0 => None,
+        n => wire::strings(message, n)?.into_iter().rfind(|d| !d.is_empty()),
+    }
+    .unwrap_or(default_database);
+    let names = wire::strings(message, target.collection_field)?;
+    Some(names.into_iter().filter(|c| !c.is_empty()).map(|c| (database.to_owned(), c.to_owned())).collect())
 }
 
 /// Ends a call with the sidecar's own status, recorded like any other outcome.

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use tonic::Code;
 
 use super::grpc::{self, Gathered};
+use crate::auth::authority::{Authority, Principal};
 use crate::facts::{CallFacts, Outcome};
 use crate::milvus::{Reply, views};
 use crate::record::Recorder;
@@ -32,6 +33,15 @@ pub struct InFlight {
     pub finished: bool,
     /// How to read the reply, for inspected calls.
     pub reply: Option<ReplyCapture>,
+    /// Who to tell when this call creates a collection.
+    pub on_created: Option<CreatedHook>,
+}
+
+/// The creator of a collection may use it at once: the grant is cached as soon as Milvus
+/// confirms the creation, before the client sees the reply.
+pub struct CreatedHook {
+    pub authority: Arc<Authority>,
+    pub principal: Arc<Principal>,
 }
 
 pub struct ReplyCapture {
@@ -53,6 +63,13 @@ impl Pending {
         if let Some(call) = self.0.as_mut() {
             call.facts.outcome = outcome;
             call.finished = true;
+        }
+    }
+
+    /// For replies the sidecar sends itself: the bytes it sent.
+    pub fn set_sizes(&mut self, reply_bytes: u64) {
+        if let Some(call) = self.0.as_mut() {
+            call.facts.reply_bytes = reply_bytes;
         }
     }
 
@@ -101,16 +118,28 @@ impl InFlight {
         self.finished = true;
     }
 
-    fn complete(mut self: Box<Self>) {
-        if !self.finished {
-            self.facts.outcome =
-                Outcome::grpc(Code::Cancelled, "the client cancelled the call before its reply was complete");
-        }
+    /// Reads the gathered reply once the call's gRPC status is known, and acts on it.
+    fn settle(&mut self) {
         if let Some(capture) = self.reply.take()
             && self.facts.outcome.grpc == Code::Ok
         {
             self.read_reply(capture);
         }
+        if let Some(hook) = self.on_created.take()
+            && self.facts.outcome.is_success()
+            && self.facts.method.rpc == Some(crate::milvus::Rpc::CreateCollection)
+            && let Some(collection) = &self.facts.request.collection
+        {
+            hook.authority.note_created(&hook.principal, &self.facts.database, collection);
+        }
+    }
+
+    fn complete(mut self: Box<Self>) {
+        if !self.finished {
+            self.facts.outcome =
+                Outcome::grpc(Code::Cancelled, "the client cancelled the call before its reply was complete");
+        }
+        self.settle();
         self.facts.duration = self.started.elapsed();
         self.recorder.record(self.facts);
     }
@@ -170,6 +199,7 @@ impl Observed {
                 let outcome = grpc::outcome_in(trailers)
                     .unwrap_or_else(|| Outcome::grpc(Code::Internal, "upstream ended the reply without a grpc-status"));
                 call.end_with(outcome);
+                call.settle();
             }
         }
         Poll::Ready(Some(Ok(frame)))

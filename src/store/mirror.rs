@@ -190,6 +190,15 @@ impl Catalog {
                     .await?;
                 let found = CollectionRef { id: row.get(0), dimension: row.get(1) };
                 self.collections.insert((database.clone(), name.clone()), found);
+                // The creator administers what they created.
+                if let Some(user) = created_by {
+                    tx.execute(
+                        "INSERT INTO permissions (id, user_id, collection_id, permission_type) VALUES ($1, $2, $3, 'admin')
+                         ON CONFLICT (user_id, collection_id, permission_type) DO NOTHING",
+                        &[&Uuid::now_v7(), &user, &found.id],
+                    )
+                    .await?;
+                }
             }
             MirrorOp::DropCollection { database, name } => {
                 if let Some(c) = self.collection(tx, database, name, false).await? {

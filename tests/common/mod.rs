@@ -73,7 +73,7 @@ impl Sidecar {
         tweak(&mut config);
         let captured = Arc::new(Captured::default());
         let running =
-            milvus_sidecar::start(config, captured.clone(), Default::default()).await.expect("sidecar starts");
+            milvus_sidecar::start(config, captured.clone(), Default::default(), None).await.expect("sidecar starts");
         Sidecar { running, captured }
     }
 

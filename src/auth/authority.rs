@@ -1,0 +1,360 @@
+//! Authentication and authorization decisions, cached in memory. A cache hit costs no
+//! PostgreSQL round trip; a miss costs one (plus an argon2 verification, off the async
+//! workers, for a credential not seen recently). Any change to users, grants or
+//! collections, made anywhere, clears the caches through LISTEN/NOTIFY.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, KeyInit, Mac};
+use http::HeaderMap;
+use sha2::Sha256;
+use tokio_postgres::{AsyncMessage, NoTls};
+use uuid::Uuid;
+
+use super::identity::{self, Credential};
+use super::policy::{self, Level, Role};
+use crate::milvus::access::{Access, MethodRule};
+use crate::settings::Settings;
+use crate::store::Pool;
+
+/// Who is calling, once their credential checked out.
+#[derive(Debug)]
+pub struct Principal {
+    pub id: Uuid,
+    pub name: Arc<str>,
+    pub role: Role,
+}
+
+/// Why a call is refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthError {
+    Unauthenticated(&'static str),
+    PermissionDenied(String),
+    /// PostgreSQL is needed for this decision and cannot be reached.
+    Unavailable(String),
+}
+
+/// The grants of one user: (database, collection) -> highest level.
+#[derive(Debug, Default, Clone)]
+pub struct Grants(HashMap<(String, String), Level>);
+
+impl Grants {
+    pub fn level(&self, database: &str, collection: &str) -> Option<Level> {
+        // Avoids building an owned key for the lookup on the request path.
+        self.0.iter().find(|((d, c), _)| d == database && c == collection).map(|(_, l)| *l)
+    }
+}
+
+#[derive(Default)]
+struct Cache {
+    credentials: HashMap<[u8; 32], (Arc<Principal>, Instant)>,
+    grants: HashMap<Uuid, Arc<Grants>>,
+}
+
+/// What to do with a method this build does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownMethods {
+    AdminOnly,
+    Allow,
+}
+
+pub struct AuthConfig {
+    /// How long a verified credential is trusted without checking PostgreSQL again.
+    pub credential_ttl: Duration,
+    /// Calls without an `authorization` header act as this user (off by default).
+    pub anonymous_user: Option<String>,
+    pub unknown_methods: UnknownMethods,
+    /// When PostgreSQL is unreachable and a decision is not cached: allow (true) or
+    /// refuse with UNAVAILABLE (false, the default).
+    pub fail_open: bool,
+}
+
+pub struct Authority {
+    pool: Pool,
+    key: [u8; 32],
+    config: AuthConfig,
+    settings: Arc<Settings>,
+    cache: RwLock<Cache>,
+    /// Bumped on every invalidation, so a load that raced one is not cached.
+    generation: AtomicU64,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// How long a PostgreSQL lookup may take before the call is answered UNAVAILABLE.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Authority {
+    pub fn new(pool: Pool, config: AuthConfig, settings: Arc<Settings>) -> Authority {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("the operating system provides random bytes");
+        Authority { pool, key, config, settings, cache: RwLock::default(), generation: AtomicU64::new(0) }
+    }
+
+    /// Forgets every cached identity and grant.
+    pub fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        *self.cache.write().unwrap() = Cache::default();
+    }
+
+    /// Checks the caller's credential.
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Principal>, AuthError> {
+        let header = headers.get(http::header::AUTHORIZATION);
+        let anonymous = self.config.anonymous_user.as_deref();
+        let cache_key = match (header, anonymous) {
+            (Some(value), _) => self.keyed(value.as_bytes()),
+            (None, Some(user)) => self.keyed(format!("anonymous\0{user}").as_bytes()),
+            (None, None) => return Err(AuthError::Unauthenticated(identity::MISSING)),
+        };
+        let cached = self.cache.read().unwrap().credentials.get(&cache_key).cloned();
+        if let Some((principal, at)) = &cached
+            && at.elapsed() < self.config.credential_ttl
+        {
+            return Ok(principal.clone());
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let loaded = match (header.is_some(), anonymous) {
+            (false, Some(user)) => self.load_user(user, None).await,
+            _ => match identity::credential(headers).map_err(AuthError::Unauthenticated)? {
+                Credential::Token => return Err(AuthError::Unauthenticated(identity::BAD_API_KEY)),
+                Credential::Password { user, password } => self.load_user(&user, Some(password)).await,
+            },
+        };
+        let principal = match (loaded, cached) {
+            (Ok(principal), _) => principal,
+            // PostgreSQL away: a credential verified before keeps working until it returns.
+            (Err(AuthError::Unavailable(_)), Some((principal, _))) => return Ok(principal),
+            (Err(e), _) => return Err(e),
+        };
+        let principal = Arc::new(principal);
+        if self.generation.load(Ordering::SeqCst) == generation {
+            self.cache.write().unwrap().credentials.insert(cache_key, (principal.clone(), Instant::now()));
+        }
+        Ok(principal)
+    }
+
+    /// A keyed hash of the credential: the cache never holds the credential itself.
+    fn keyed(&self, credential: &[u8]) -> [u8; 32] {
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(credential);
+        mac.finalize().into_bytes().into()
+    }
+
+    async fn load_user(&self, name: &str, password: Option<String>) -> Result<Principal, AuthError> {
+        let row = self
+            .query_opt("SELECT id, role, is_active, password_hash FROM users WHERE username = $1", &[&name])
+            .await?;
+        let Some(row) = row else { return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD)) };
+        let (id, role, active, hash): (Uuid, String, bool, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if !active {
+            return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD));
+        }
+        if let Some(password) = password {
+            let Some(hash) = hash else { return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD)) };
+            // argon2 takes tens of milliseconds of CPU: not on an async worker.
+            let ok =
+                tokio::task::spawn_blocking(move || super::password::verify(&hash, &password)).await.unwrap_or(false);
+            if !ok {
+                return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD));
+            }
+        }
+        let role = Role::parse(&role).unwrap_or(Role::User);
+        Ok(Principal { id, name: Arc::from(name), role })
+    }
+
+    /// The caller's grants (one query on a miss, then cached).
+    pub async fn grants(&self, principal: &Principal) -> Result<Arc<Grants>, AuthError> {
+        if let Some(grants) = self.cache.read().unwrap().grants.get(&principal.id) {
+            return Ok(grants.clone());
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let rows = self
+            .query(
+                "SELECT c.database_name, c.collection_name, p.permission_type
+                 FROM permissions p JOIN collections c ON c.id = p.collection_id
+                 WHERE p.user_id = $1 AND c.status = 'active'",
+                &[&principal.id],
+            )
+            .await?;
+        let mut grants = Grants::default();
+        for row in rows {
+            if let Some(level) = Level::parse(row.get(2)) {
+                let entry = grants.0.entry((row.get(0), row.get(1))).or_insert(level);
+                *entry = (*entry).max(level);
+            }
+        }
+        let grants = Arc::new(grants);
+        if self.generation.load(Ordering::SeqCst) == generation {
+            self.cache.write().unwrap().grants.insert(principal.id, grants.clone());
+        }
+        Ok(grants)
+    }
+
+    /// The creator of a collection administers it from the moment Milvus says it exists,
+    /// before the writer has stored the grant.
+    pub fn note_created(&self, principal: &Principal, database: &str, collection: &str) {
+        let mut cache = self.cache.write().unwrap();
+        let mut grants = cache.grants.get(&principal.id).map(|g| (**g).clone()).unwrap_or_default();
+        grants.0.insert((database.to_owned(), collection.to_owned()), Level::Admin);
+        cache.grants.insert(principal.id, Arc::new(grants));
+    }
+
+    /// Whether `principal` may make this call on `targets` ((database, collection) pairs
+    /// the request names).
+    pub async fn authorize(
+        &self,
+        principal: &Principal,
+        rule: Option<MethodRule>,
+        targets: &[(String, String)],
+    ) -> Result<(), AuthError> {
+        let deny = |privilege: &str, on: Option<&(String, String)>| {
+            let mut msg = format!("{privilege}: permission deny to {}", principal.name);
+            if let Some((db, c)) = on {
+                msg.push_str(&format!(" on collection {db}.{c}"));
+            }
+            Err(AuthError::PermissionDenied(msg))
+        };
+        if principal.role == Role::Admin {
+            return Ok(());
+        }
+        let Some(rule) = rule else {
+            return match self.config.unknown_methods {
+                UnknownMethods::Allow => Ok(()),
+                UnknownMethods::AdminOnly => deny("PrivilegeUnknownMethod", None),
+            };
+        };
+        match rule.access {
+            Access::Public => Ok(()),
+            Access::Global => deny(rule.privilege, None),
+            Access::CreateCollection if self.settings.users_may_create_collections() => Ok(()),
+            Access::CreateCollection => deny(rule.privilege, None),
+            Access::Collection { needed, .. } => {
+                if targets.is_empty() {
+                    // A collection-scoped call that names no collection: admins only.
+                    return deny(rule.privilege, None);
+                }
+                let grants = match self.grants(principal).await {
+                    Ok(grants) => grants,
+                    Err(AuthError::Unavailable(_)) if self.config.fail_open => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                for target in targets {
+                    if !policy::allows(principal.role, grants.level(&target.0, &target.1), needed) {
+                        return deny(rule.privilege, Some(target));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether `principal` may see `collection` in a listing.
+    pub fn may_read(principal: &Principal, grants: &Grants, database: &str, collection: &str) -> bool {
+        policy::allows(principal.role, grants.level(database, collection), Level::Read)
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, AuthError> {
+        Ok(self.query(sql, params).await?.into_iter().next())
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, AuthError> {
+        let unavailable = |e: String| AuthError::Unavailable(format!("cannot check permissions: PostgreSQL: {e}"));
+        let work = async {
+            let conn = self.pool.get().await.map_err(|e| unavailable(e.to_string()))?;
+            conn.query(sql, params).await.map_err(|e| unavailable(crate::error_chain(&e)))
+        };
+        tokio::time::timeout(LOOKUP_TIMEOUT, work).await.map_err(|_| unavailable("no answer within 3 s".into()))?
+    }
+
+    /// Clears the caches whenever users, grants or collections change, and every 30 s
+    /// regardless (in case a notification was missed while disconnected).
+    pub fn watch(self: &Arc<Self>, config: tokio_postgres::Config) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                // While PostgreSQL is away the caches keep serving (nothing could reload them);
+                // `listen` clears them once it is back, for whatever changed meanwhile.
+                if let Err(e) = this.listen(&config).await {
+                    tracing::warn!(error = %e, "lost the permission-change watch; reconnecting in 1 s");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    }
+
+    async fn listen(&self, config: &tokio_postgres::Config) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = config.connect(NoTls).await?;
+        let (tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        let _ = tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        });
+        client.batch_execute("LISTEN milvus_sidecar_auth").await?;
+        // Anything cached before the LISTEN took effect may be stale.
+        self.invalidate();
+        loop {
+            tokio::select! {
+                got = changed.recv() => match got {
+                    Some(()) => self.invalidate(),
+                    None => break,
+                },
+                _ = tokio::time::sleep(Duration::from_secs(30)) => self.invalidate(),
+            }
+        }
+        pump.abort();
+        Ok(())
+    }
+}
+
+/// Creates the `root` admin on a database without one, as Milvus does, with the
+/// configured initial password; warns while root still has the default password.
+pub async fn bootstrap_root(pool: &Pool, initial_password: &str) -> anyhow::Result<()> {
+    let conn = pool.get().await?;
+    let existing = conn.query_opt("SELECT password_hash FROM users WHERE username = 'root'", &[]).await?;
+    let hash: Option<String> = match existing {
+        Some(row) => row.get(0),
+        None => {
+            let password = initial_password.to_owned();
+            let hash = tokio::task::spawn_blocking(move || super::password::hash(&password)).await?;
+            conn.execute(
+                "INSERT INTO users (id, username, role, password_hash) VALUES ($1, 'root', 'admin', $2)
+                 ON CONFLICT (username) DO NOTHING",
+                &[&Uuid::now_v7(), &hash],
+            )
+            .await?;
+            tracing::info!("created the root admin user");
+            Some(hash)
+        }
+    };
+    if let Some(hash) = hash {
+        let is_default = tokio::task::spawn_blocking(move || super::password::verify(&hash, "Milvus")).await?;
+        if is_default {
+            tracing::warn!(
+                "SECURITY: user root still has the default password 'Milvus'; change it with \
+                 `milvus-sidecar user set-password root`"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! Authentication and permissions against a real PostgreSQL (users, grants) and a fake
+//! upstream (to see exactly what is forwarded and what is not).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::fake::FakeUpstream;
+use common::pg::TestDb;
+use common::relay::Relay;
+use common::{RawClient, encode};
+use milvus::proto::common::Status as MilvusStatus;
+use milvus::proto::milvus::{
+    CreateCollectionRequest, CreateIndexRequest, InsertRequest, SearchRequest, ShowCollectionsResponse,
+};
+use milvus_sidecar::App;
+use milvus_sidecar::config::{AuthArgs, Config, DatabaseArgs};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+struct Setup {
+    db: TestDb,
+    upstream: FakeUpstream,
+    app: App,
+    /// Between the sidecar and PostgreSQL, when a test needs to take PostgreSQL away.
+    relay: Option<Relay>,
+    _spill: tempfile_dir::Dir,
+}
+
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+async fn setup_with(via_relay: bool, tweak: impl FnOnce(&mut AuthArgs)) -> Setup {
+    let db = TestDb::create().await;
+    let relay = if via_relay { Some(Relay::start(db.server()).await) } else { None };
+    let database_url = db.url_via(relay.as_ref().map(|r| r.addr.to_string()).as_deref());
+    let upstream = FakeUpstream::start().await;
+    let ok = encode(&MilvusStatus::default());
+    for method in ["CreateCollection", "CreateIndex", "DropCollection"] {
+        upstream.reply_with(method, ok.clone());
+    }
+    let spill = std::env::temp_dir().join(format!("sidecar-auth-{}", uuid::Uuid::now_v7()));
+    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
+    config.database = DatabaseArgs::from_url(&database_url);
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill.clone();
+    config.auth = AuthArgs::default();
+    tweak(&mut config.auth);
+    let app = App::start(config).await.expect("sidecar starts");
+    let c = db.client().await;
+    // alice: a user with read on default.docs; bob: a disabled user.
+    let hash = milvus_sidecar::auth::password::hash("alice-pw");
+    c.execute("INSERT INTO users (username, role, password_hash) VALUES ('alice', 'user', $1)", &[&hash])
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO users (username, role, password_hash, is_active) VALUES ('bob', 'user', $1, false)",
+        &[&hash],
+    )
+    .await
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO collections (database_name, collection_name, dimension) VALUES ('default', 'docs', 8), ('default', 'secret', 8);
+         INSERT INTO permissions (user_id, collection_id, permission_type)
+           SELECT u.id, c.id, 'read' FROM users u, collections c WHERE u.username = 'alice' AND c.collection_name = 'docs';",
+    )
+    .await
+    .unwrap();
+    Setup { db, upstream, app, relay, _spill: tempfile_dir::Dir(spill) }
+}
+
+async fn setup() -> Setup {
+    setup_with(false, |_| {}).await
+}
+
+/// base64 of "user:password", as pymilvus sends it.
+fn token(credential: &str) -> MetadataValue<tonic::metadata::Ascii> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(credential).parse().unwrap()
+}
+
+async fn call(s: &Setup, method: &str, credential: Option<&str>, body: Bytes) -> Result<Bytes, tonic::Status> {
+    let mut client = RawClient::connect(s.app.running.listen_addr).await;
+    let mut request = tonic::Request::new(body);
+    if let Some(c) = credential {
+        request.metadata_mut().insert("authorization", token(c));
+    }
+    client.unary_with(method, request).await.map(|r| r.into_inner())
+}
+
+fn search(collection: &str) -> Bytes {
+    encode(&SearchRequest { collection_name: collection.into(), nq: 1, ..Default::default() })
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_the_way_milvus_refuses_them() {
+    let s = setup().await;
+    let cases: [(Option<&str>, Option<&str>, &str); 5] = [
+        (None, None, "missing authorization in header"),
+        (Some("root:wrong"), None, "auth check failure, please check username and password are correct"),
+        (Some("nobody:pw"), None, "auth check failure, please check username and password are correct"),
+        (Some("bob:alice-pw"), None, "auth check failure, please check username and password are correct"),
+        (Some("an-api-key"), None, "auth check failure, please check api key is correct"),
+    ];
+    for (credential, _, message) in cases {
+        for method in ["Connect", "Search"] {
+            let status = call(&s, method, credential, search("docs")).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated, "{credential:?} {method}");
+            assert_eq!(status.message(), message, "{credential:?} {method}");
+        }
+    }
+    let mut client = RawClient::connect(s.app.running.listen_addr).await;
+    let mut garbage = tonic::Request::new(Bytes::new());
+    garbage.metadata_mut().insert("authorization", MetadataValue::from_static("%%%not-base64"));
+    assert_eq!(client.unary_with("Connect", garbage).await.unwrap_err().message(), "invalid token format");
+    assert_eq!(s.upstream.count("Search") + s.upstream.count("Connect"), 0, "nothing refused reaches Milvus");
+
+    // The default root credential works.
+    call(&s, "GetVersion", Some("root:Milvus"), Bytes::new()).await.expect("root:Milvus");
+    s.app.shutdown().await;
+    let refused = s.db.count("SELECT count(*) FROM audit_logs WHERE grpc_code = 16").await;
+    assert_eq!(refused, 11, "every refusal is audited");
+    let leaked = s
+        .db
+        .count("SELECT count(*) FROM audit_logs WHERE details::text LIKE '%wrong%' OR details::text LIKE '%alice-pw%'")
+        .await;
+    assert_eq!(leaked, 0, "no password in the audit trail");
+    let who = s.db.count("SELECT count(*) FROM audit_logs WHERE grpc_code = 16 AND username = 'root'").await;
+    assert_eq!(who, 2, "a refused call names who it claimed to be");
+}
+
+#[tokio::test]
+async fn grants_decide_and_refusals_never_reach_milvus() {
+    let s = setup().await;
+    let alice = Some("alice:alice-pw");
+    call(&s, "Search", alice, search("docs")).await.expect("read grant allows search");
+    let status = call(&s, "Search", alice, search("secret")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.message(), "PrivilegeSearch: permission deny to alice on collection default.secret");
+    let insert = encode(&InsertRequest { collection_name: "docs".into(), num_rows: 1, ..Default::default() });
+    let status = call(&s, "Insert", alice, insert).await.unwrap_err();
+    assert_eq!(status.message(), "PrivilegeInsert: permission deny to alice on collection default.docs");
+    // Checked before existence, as in Milvus.
+    let status = call(&s, "Search", alice, search("no_such_collection")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Global operations are for admins.
+    let status = call(&s, "CreateCredential", alice, Bytes::new()).await.unwrap_err();
+    assert_eq!(status.message(), "PrivilegeCreateOwnership: permission deny to alice");
+    // Methods this build does not know: admins only by default.
+    let status = call(&s, "SomethingFromMilvus9", alice, Bytes::new()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    call(&s, "SomethingFromMilvus9", Some("root:Milvus"), Bytes::new()).await.expect("admins may");
+    assert_eq!(s.upstream.count("Search"), 1, "only the allowed search was forwarded");
+    assert_eq!(s.upstream.count("Insert"), 0);
+
+    // A revoke made in PostgreSQL applies within a second.
+    s.db.client().await.batch_execute("DELETE FROM permissions").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Err(status) = call(&s, "Search", alice, search("docs")).await {
+            assert_eq!(status.code(), Code::PermissionDenied);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "revocation not seen within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.app.shutdown().await;
+    let denied = s.db.count("SELECT count(*) FROM audit_logs WHERE grpc_code = 7").await;
+    assert!(denied >= 6, "refusals are audited ({denied})");
+}
+
+#[tokio::test]
+async fn creators_administer_their_collections_at_once_and_listings_are_filtered() {
+    let s = setup().await;
+    let alice = Some("alice:alice-pw");
+    let create = CreateCollectionRequest { collection_name: "mine".into(), ..Default::default() };
+    call(&s, "CreateCollection", alice, encode(&create)).await.expect("users may create collections");
+    // Straight away, as pymilvus's quick setup does: index the new collection.
+    let index = CreateIndexRequest { collection_name: "mine".into(), field_name: "vec".into(), ..Default::default() };
+    call(&s, "CreateIndex", alice, encode(&index)).await.expect("the creator administers it immediately");
+
+    s.upstream.reply_with(
+        "ShowCollections",
+        encode(&ShowCollectionsResponse {
+            status: Some(MilvusStatus::default()),
+            collection_names: vec!["docs".into(), "secret".into(), "mine".into()],
+            collection_ids: vec![1, 2, 3],
+            created_timestamps: vec![10, 20, 30],
+            ..Default::default()
+        }),
+    );
+    let listed = call(&s, "ShowCollections", alice, Bytes::new()).await.unwrap();
+    let listed: ShowCollectionsResponse = prost013::Message::decode(listed).unwrap();
+    assert_eq!(listed.collection_names, vec!["docs", "mine"]);
+    assert_eq!(listed.collection_ids, vec![1, 3], "ids stay aligned with names");
+    assert_eq!(listed.created_timestamps, vec![10, 30]);
+    let all = call(&s, "ShowCollections", Some("root:Milvus"), Bytes::new()).await.unwrap();
+    let all: ShowCollectionsResponse = prost013::Message::decode(all).unwrap();
+    assert_eq!(all.collection_names.len(), 3, "admins see everything");
+
+    // Switched off in system_config, users may no longer create.
+    s.db.client()
+        .await
+        .batch_execute(
+            "UPDATE system_config SET config_value = 'false' WHERE config_key = 'users_may_create_collections'",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = CreateCollectionRequest { collection_name: "another".into(), ..Default::default() };
+    let status = call(&s, "CreateCollection", alice, encode(&other)).await.unwrap_err();
+    assert_eq!(status.message(), "PrivilegeCreateCollection: permission deny to alice");
+    s.app.shutdown().await;
+    let granted = s
+        .db
+        .count(
+            "SELECT count(*) FROM permissions p JOIN users u ON u.id = p.user_id JOIN collections c ON c.id = p.collection_id
+             WHERE u.username = 'alice' AND c.collection_name = 'mine' AND p.permission_type = 'admin'",
+        )
+        .await;
+    assert_eq!(granted, 1, "the creator's admin grant is stored");
+}
+
+#[tokio::test]
+async fn uncached_decisions_fail_closed_when_postgres_is_away() {
+    let s = setup_with(true, |_| {}).await;
+    let alice = Some("alice:alice-pw");
+    call(&s, "Search", alice, search("docs")).await.expect("cached from now on");
+    s.relay.as_ref().unwrap().cut();
+    // Cached: alice keeps working while PostgreSQL is away.
+    call(&s, "Search", alice, search("docs")).await.expect("a cached decision needs no PostgreSQL");
+    // Not cached: root's credential has not been seen yet.
+    let status = call(&s, "Search", Some("root:Milvus"), search("docs")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("PostgreSQL"), "{}", status.message());
+    s.relay.as_ref().unwrap().restore();
+    call(&s, "Search", Some("root:Milvus"), search("docs")).await.expect("back once PostgreSQL is");
+    s.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
+    let s = setup_with(true, |a| {
+        a.auth_fail_open = true;
+        a.anonymous_user = Some("alice".into());
+    })
+    .await;
+    // No header at all: treated as alice, with alice's grants.
+    call(&s, "Search", None, search("docs")).await.expect("anonymous is alice");
+    let status = call(&s, "Search", None, search("secret")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    s.db.client().await.batch_execute("SELECT 1").await.unwrap();
+    s.app.shutdown().await;
+}
