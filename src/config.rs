@@ -61,6 +61,10 @@ pub struct SyncArgs {
     #[arg(long, env = "MILVUS_SIDECAR_UPSTREAM", default_value = "http://127.0.0.1:19530", value_parser = parse_upstream)]
     pub upstream: http::Uri,
 
+    /// Credential for a Milvus with authentication of its own (`user:password` or a token).
+    #[arg(long, env = "MILVUS_SIDECAR_UPSTREAM_CREDENTIAL", hide_env_values = true)]
+    pub upstream_credential: Option<String>,
+
     #[command(flatten)]
     pub database: DatabaseArgs,
 }

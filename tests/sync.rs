@@ -29,7 +29,7 @@ async fn mirror() -> (TestDb, tokio_postgres::Client) {
 }
 
 fn upstream_at(addr: std::net::SocketAddr) -> Upstream {
-    sync::upstream(&format!("http://{addr}").parse().unwrap())
+    sync::upstream(&format!("http://{addr}").parse().unwrap(), None)
 }
 
 async fn create_collection(milvus: &Client, name: &str, dim: i64) {

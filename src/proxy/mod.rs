@@ -51,8 +51,6 @@ struct Shared {
     settings: Arc<Settings>,
     /// None: every call is let through unauthenticated (`--no-auth`).
     auth: Option<Arc<Authority>>,
-    /// Replaces the caller's `authorization` upstream, when Milvus checks its own.
-    upstream_credential: Option<http::HeaderValue>,
     max_message_bytes: usize,
 }
 
@@ -68,7 +66,6 @@ impl Proxy {
             recorder,
             settings,
             auth,
-            upstream_credential: config.auth.upstream_credential_header(),
             max_message_bytes: config.max_message_bytes,
         };
         Proxy { shared: Arc::new(shared) }
@@ -197,9 +194,6 @@ impl Shared {
             && principal.role != Role::Admin
         {
             call.on_created = Some(CreatedHook { authority: (*auth).clone(), principal: principal.clone() });
-        }
-        if let Some(credential) = &self.upstream_credential {
-            parts.headers.insert(http::header::AUTHORIZATION, credential.clone());
         }
         let deadline = self.deadline(rpc, &mut parts.headers);
         let reply = match self.upstream.send(Request::from_parts(parts, body), deadline).await {

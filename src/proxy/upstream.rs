@@ -32,6 +32,8 @@ pub struct Upstream {
     name: Arc<str>,
     /// Longest wait for reply headers when the client gave no deadline.
     timeout: Option<Duration>,
+    /// Sent as `authorization` instead of the caller's, for a Milvus that checks its own.
+    credential: Option<http::HeaderValue>,
 }
 
 impl Upstream {
@@ -58,6 +60,7 @@ impl Upstream {
             authority: uri.authority().cloned().expect("config validated the upstream has an authority"),
             name: Arc::from(uri.to_string().trim_end_matches('/')),
             timeout: config.upstream_timeout,
+            credential: config.auth.upstream_credential_header(),
         }
     }
 
@@ -77,6 +80,9 @@ impl Upstream {
         parts.authority = Some(self.authority.clone());
         *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and the original path form a URI");
         *request.version_mut() = http::Version::HTTP_2;
+        if let Some(credential) = &self.credential {
+            request.headers_mut().insert(http::header::AUTHORIZATION, credential.clone());
+        }
 
         let limit = match (deadline, self.timeout) {
             (Some(d), Some(t)) if t < d.after => Some(Deadline { after: t, source: "--upstream-timeout" }),

@@ -110,8 +110,10 @@ pub async fn run(upstream: &Upstream, client: &mut tokio_postgres::Client) -> Re
 }
 
 /// The upstream connection for `milvus-sidecar sync`, with serve's defaults.
-pub fn upstream(uri: &http::Uri) -> Upstream {
-    Upstream::new(&Config::local(uri.clone()))
+pub fn upstream(uri: &http::Uri, credential: Option<String>) -> Upstream {
+    let mut config = Config::local(uri.clone());
+    config.auth.upstream_credential = credential;
+    Upstream::new(&config)
 }
 
 /// Delays between attempts of the start-up sync: Milvus often starts after the sidecar.
