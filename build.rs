@@ -1,4 +1,4 @@
-// Compiles our views of Milvus messages (proto/views.proto). protoc comes from the
+// Compiles our views of Milvus messages (proto/views.proto, proto/sync.proto). protoc comes from the
 // protoc-bin-vendored crate so a fresh machine needs no system package.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/views.proto");
@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
-    prost_build::Config::new().compile_protos(&["proto/views.proto", "proto/sync.proto"], &["proto"])?;
+    prost_build::Config::new()
+        // sync.proto uses views.proto's shared messages; they live in crate::milvus::views.
+        .extern_path(".milvus_sidecar.views", "crate::milvus::views")
+        .compile_protos(&["proto/views.proto", "proto/sync.proto"], &["proto"])?;
     Ok(())
 }

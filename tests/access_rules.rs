@@ -3,24 +3,13 @@
 //! collection where Milvus's own requests put it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use milvus_sidecar::milvus::access::{self, Access};
 
+mod common;
+
 fn milvus_proto() -> String {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo metadata runs");
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let manifest =
-        meta["packages"].as_array().unwrap().iter().find(|p| p["name"] == "milvus-sdk-rust").unwrap()["manifest_path"]
-            .as_str()
-            .unwrap()
-            .to_string();
-    let path = PathBuf::from(manifest).parent().unwrap().join("milvus-proto/proto/milvus.proto");
+    let path = common::milvus_proto_dir().join("milvus.proto");
     let text = std::fs::read_to_string(path).unwrap();
     // Comments out: they may hold braces and field-like text.
     let mut plain = String::new();

@@ -4,9 +4,10 @@
 //! the milvus-sdk-rust crate, not copied here.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use milvus_sidecar::milvus::Rpc;
+
+mod common;
 
 #[derive(Debug, Clone)]
 struct Field {
@@ -99,29 +100,9 @@ fn simple(ty: &str) -> String {
     ty.rsplit('.').next().unwrap().to_string()
 }
 
-fn milvus_proto_dir() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo metadata runs");
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
-    let manifest = meta["packages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "milvus-sdk-rust")
-        .expect("milvus-sdk-rust is a dev-dependency")["manifest_path"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    PathBuf::from(manifest).parent().unwrap().join("milvus-proto/proto")
-}
-
 fn load() -> (Protos, Protos) {
     let mut milvus = Protos::default();
-    let dir = milvus_proto_dir();
+    let dir = common::milvus_proto_dir();
     for file in ["common.proto", "schema.proto", "milvus.proto"] {
         milvus.parse(&std::fs::read_to_string(dir.join(file)).unwrap());
     }
@@ -195,8 +176,11 @@ fn the_check_catches_a_view_with_a_wrong_field() {
 #[test]
 fn sync_views_read_the_milvus_messages_they_stand_for() {
     let (milvus, views) = load();
+    // sync.proto imports views.proto's shared messages.
     let mut sync = Protos::default();
-    sync.parse(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/sync.proto")).unwrap());
+    for file in ["views.proto", "sync.proto"] {
+        sync.parse(&std::fs::read_to_string(format!("{}/proto/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap());
+    }
     let mut problems = Vec::new();
     let calls = [
         ("ListDatabases", &sync, "ListDatabasesRequest", "ListDatabasesResponse"),

@@ -1,22 +1,21 @@
-//! Who the caller is. For now only who they *claim* to be, read from the `authorization`
-//! header exactly as the Milvus SDKs send it; verification comes with authentication.
+//! Who the caller is and what they may do: the `authorization` header read as the Milvus
+//! SDKs send it (identity), password hashes, the permission rule (policy), and the cached
+//! decisions the proxy asks for (authority).
 
 pub mod authority;
 pub mod identity;
 pub mod password;
 pub mod policy;
 
-use base64::Engine;
 use http::HeaderMap;
 
-/// The user named by `authorization: base64("user:password")`. A token without a colon
-/// (an API key) names no user. The password is never kept.
+/// The user named by `authorization: base64("user:password")`, before any check. A token
+/// without a colon (an API key) names no user. The password is never kept.
 pub fn claimed_user(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    let decoded = base64::engine::general_purpose::STANDARD.decode(value).ok()?;
-    let colon = decoded.iter().position(|&b| b == b':')?;
-    let user = std::str::from_utf8(&decoded[..colon]).ok()?;
-    (!user.is_empty()).then(|| user.to_owned())
+    match identity::credential(headers) {
+        Ok(identity::Credential::Password { user, .. }) if !user.is_empty() => Some(user),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -90,14 +90,14 @@ pub async fn snapshot(upstream: &Upstream) -> Result<Snapshot, SyncError> {
 async fn list_databases(upstream: &Upstream) -> Result<Vec<String>, String> {
     let reply: pb::ListDatabasesResponse =
         call(upstream, "ListDatabases", "", &pb::ListDatabasesRequest::default()).await?;
-    check(reply.status.as_ref().map(Refusal::of_sync))?;
+    check(reply.status.as_ref().map(Refusal::of))?;
     Ok(reply.db_names)
 }
 
 async fn show_collections(upstream: &Upstream, db: &str) -> Result<Vec<String>, String> {
     let request = pb::ShowCollectionsRequest { db_name: db.to_owned() };
     let reply: pb::ShowCollectionsResponse = call(upstream, "ShowCollections", db, &request).await?;
-    check(reply.status.as_ref().map(Refusal::of_sync)).map_err(|e| format!("ShowCollections: {e}"))?;
+    check(reply.status.as_ref().map(Refusal::of)).map_err(|e| format!("ShowCollections: {e}"))?;
     Ok(reply.collection_names)
 }
 
@@ -143,7 +143,7 @@ enum Described {
 }
 
 async fn describe(upstream: &Upstream, db: &str, name: &str) -> Described {
-    let request = pb::CollectionRequest { db_name: db.to_owned(), collection_name: name.to_owned() };
+    let request = views::CollectionRequest { db_name: db.to_owned(), collection_name: name.to_owned() };
     let index_request =
         IndexNameRequest { db_name: db.to_owned(), collection_name: name.to_owned(), ..Default::default() };
     let (described, partitions, indexes) = tokio::join!(
@@ -155,7 +155,7 @@ async fn describe(upstream: &Upstream, db: &str, name: &str) -> Described {
         Ok(reply) => reply,
         Err(e) => return Described::Refused(e),
     };
-    match check(described.status.as_ref().map(Refusal::of_sync)) {
+    match check(described.status.as_ref().map(Refusal::of)) {
         Ok(()) => {}
         Err(Refused::Milvus(r)) if r.collection_missing() => return Described::Gone,
         Err(e) => return Described::Refused(format!("DescribeCollection: {e}")),
@@ -166,7 +166,7 @@ async fn describe(upstream: &Upstream, db: &str, name: &str) -> Described {
     let (dimension, fields, description) = read_schema(&described.schema);
     let mut problems = Vec::new();
     let partitions = match partitions {
-        Ok(reply) => match check(reply.status.as_ref().map(Refusal::of_sync)) {
+        Ok(reply) => match check(reply.status.as_ref().map(Refusal::of)) {
             Ok(()) => Some(reply.partition_names),
             Err(e) => {
                 problems.push(format!("partitions of {db}.{name}: ShowPartitions: {e}; left as they are"));
@@ -179,7 +179,7 @@ async fn describe(upstream: &Upstream, db: &str, name: &str) -> Described {
         }
     };
     let indexes = match indexes {
-        Ok(reply) => match check(reply.status.as_ref().map(Refusal::of_views)) {
+        Ok(reply) => match check(reply.status.as_ref().map(Refusal::of)) {
             Ok(()) => Some(reply.index_descriptions.into_iter().map(index_state).collect()),
             // No index at all is an error in Milvus's eyes, an empty list in ours.
             Err(Refused::Milvus(r)) if r.index_missing() => Some(Vec::new()),
@@ -242,11 +242,7 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn of_sync(s: &pb::Status) -> Refusal {
-        Refusal { error_code: s.error_code, code: s.code, reason: s.reason.clone() }
-    }
-
-    fn of_views(s: &views::Status) -> Refusal {
+    fn of(s: &views::Status) -> Refusal {
         Refusal { error_code: s.error_code, code: s.code, reason: s.reason.clone() }
     }
 
@@ -306,17 +302,17 @@ mod tests {
         let echoed = pb::ShowCollectionsRequest { db_name: "default".into() }.encode_to_vec();
         let reply = pb::ShowCollectionsResponse::decode(echoed.as_slice()).unwrap();
         assert_eq!(reply.collection_names, vec!["default".to_string()]);
-        assert!(matches!(check(reply.status.as_ref().map(Refusal::of_sync)), Err(Refused::NoStatus)));
+        assert!(matches!(check(reply.status.as_ref().map(Refusal::of)), Err(Refused::NoStatus)));
     }
 
     #[test]
     fn an_empty_status_is_success_and_missing_things_are_recognised() {
-        assert!(check(Some(Refusal::of_sync(&pb::Status::default()))).is_ok());
-        let missing = pb::Status { error_code: 4, reason: "collection not found".into(), code: 100 };
-        let Err(Refused::Milvus(r)) = check(Some(Refusal::of_sync(&missing))) else { panic!("a refusal") };
+        assert!(check(Some(Refusal::of(&views::Status::default()))).is_ok());
+        let missing = views::Status { error_code: 4, reason: "collection not found".into(), code: 100 };
+        let Err(Refused::Milvus(r)) = check(Some(Refusal::of(&missing))) else { panic!("a refusal") };
         assert!(r.collection_missing() && !r.index_missing());
         let no_index = views::Status { error_code: 25, reason: "index not found".into(), code: 700 };
-        let Err(Refused::Milvus(r)) = check(Some(Refusal::of_views(&no_index))) else { panic!("a refusal") };
+        let Err(Refused::Milvus(r)) = check(Some(Refusal::of(&no_index))) else { panic!("a refusal") };
         assert!(r.index_missing());
     }
 }

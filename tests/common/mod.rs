@@ -212,3 +212,21 @@ pub async fn bare_call(
     }
     headers
 }
+
+/// The Milvus `.proto` files shipped in the milvus-sdk-rust crate (found through
+/// `cargo metadata`, wherever the registry keeps it).
+pub fn milvus_proto_dir() -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    let manifest = meta["packages"]
+        .as_array()
+        .and_then(|packages| packages.iter().find(|p| p["name"] == "milvus-sdk-rust"))
+        .and_then(|p| p["manifest_path"].as_str())
+        .expect("milvus-sdk-rust is a dev-dependency");
+    std::path::Path::new(manifest).parent().unwrap().join("milvus-proto/proto")
+}
