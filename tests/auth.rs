@@ -259,3 +259,41 @@ async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
     s.db.client().await.batch_execute("SELECT 1").await.unwrap();
     s.app.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_sidecars_on_one_database_both_follow_a_revocation() {
+    let s = setup().await;
+    let spill = std::env::temp_dir().join(format!("sidecar-auth-{}", uuid::Uuid::now_v7()));
+    let _spill = tempfile_dir::Dir(spill.clone());
+    let mut config = Config::local(format!("http://{}", s.upstream.addr).parse().unwrap());
+    config.database = DatabaseArgs::from_url(&s.db.url());
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill;
+    config.auth = AuthArgs::default();
+    let second = App::start(config).await.expect("a second sidecar starts on the same database");
+    let alice = Some("alice:alice-pw");
+    let via_second = |body: Bytes| {
+        let addr = second.running.listen_addr;
+        async move {
+            let mut client = RawClient::connect(addr).await;
+            let mut request = tonic::Request::new(body);
+            request.metadata_mut().insert("authorization", token("alice:alice-pw"));
+            client.unary_with("Search", request).await.map(|r| r.into_inner())
+        }
+    };
+    call(&s, "Search", alice, search("docs")).await.expect("first sidecar allows");
+    via_second(search("docs")).await.expect("second sidecar allows");
+
+    // Revoked through the first sidecar's database (as the CLI or SQL would).
+    s.db.client().await.batch_execute("DELETE FROM permissions").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let (mut first_denied, mut second_denied) = (false, false);
+    while !(first_denied && second_denied) {
+        assert!(std::time::Instant::now() < deadline, "both sidecars see the revocation within 1 s");
+        first_denied = first_denied || call(&s, "Search", alice, search("docs")).await.is_err();
+        second_denied = second_denied || via_second(search("docs")).await.is_err();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.shutdown().await;
+    s.app.shutdown().await;
+}
