@@ -38,14 +38,19 @@ pub enum AuthError {
     Unavailable(String),
 }
 
-/// The grants of one user: (database, collection) -> highest level.
+/// The grants of one user: database -> collection -> highest level (nested so that a
+/// lookup borrows the names from the request instead of building a key).
 #[derive(Debug, Default, Clone)]
-pub struct Grants(HashMap<(String, String), Level>);
+pub struct Grants(HashMap<String, HashMap<String, Level>>);
 
 impl Grants {
     pub fn level(&self, database: &str, collection: &str) -> Option<Level> {
-        // Avoids building an owned key for the lookup on the request path.
-        self.0.iter().find(|((d, c), _)| d == database && c == collection).map(|(_, l)| *l)
+        self.0.get(database)?.get(collection).copied()
+    }
+
+    fn grant(&mut self, database: String, collection: String, level: Level) {
+        let entry = self.0.entry(database).or_default().entry(collection).or_insert(level);
+        *entry = (*entry).max(level);
     }
 }
 
@@ -184,8 +189,7 @@ impl Authority {
         let mut grants = Grants::default();
         for row in rows {
             if let Some(level) = Level::parse(row.get(2)) {
-                let entry = grants.0.entry((row.get(0), row.get(1))).or_insert(level);
-                *entry = (*entry).max(level);
+                grants.grant(row.get(0), row.get(1), level);
             }
         }
         let grants = Arc::new(grants);
@@ -200,7 +204,7 @@ impl Authority {
     pub fn note_created(&self, principal: &Principal, database: &str, collection: &str) {
         let mut cache = self.cache.write().unwrap();
         let mut grants = cache.grants.get(&principal.id).map(|g| (**g).clone()).unwrap_or_default();
-        grants.0.insert((database.to_owned(), collection.to_owned()), Level::Admin);
+        grants.grant(database.to_owned(), collection.to_owned(), Level::Admin);
         cache.grants.insert(principal.id, Arc::new(grants));
     }
 
