@@ -4,6 +4,8 @@
     python scripts/quickstart.py [URI]
 
 URI defaults to $MILVUS_URI, else http://127.0.0.1:19538 (the sidecar of scripts/run-local.sh).
+$MILVUS_TOKEN, when set ("user:password"), is sent as the pymilvus token: the sidecar records
+that user in its query, ingestion and audit rows.
 Each step prints what it did and what came back. Exits non-zero if a step fails.
 """
 
@@ -33,7 +35,8 @@ def main() -> int:
     rng = random.Random(7)
 
     t = time.perf_counter()
-    client = MilvusClient(uri=uri, timeout=30)
+    token = os.environ.get("MILVUS_TOKEN")
+    client = MilvusClient(uri=uri, timeout=30, **({"token": token} if token else {}))
     show("connect", f"server version {client.get_server_version()}", t)
 
     if client.has_collection(COLLECTION):

@@ -3,10 +3,15 @@
 # that is already there. Safe to run again: a second run only checks and prints.
 #
 #   - checks the Rust toolchain (cargo, rustfmt, clippy);
-#   - creates .venv/ (Python >= 3.10) with pinned pymilvus, milvus-lite and pytest;
-#   - PostgreSQL: a stub for now (see setup_postgres).
+#   - creates .venv/ (Python >= 3.10) with pinned pymilvus, milvus-lite, pytest and psycopg;
+#   - makes sure a PostgreSQL server is there (see ensure_postgres in lib.sh): DATABASE_URL
+#     when set, else the server on 127.0.0.1:5432 when it lets `postgres` in, else a throwaway
+#     cluster in .stack/pg (installing Debian's postgresql package first when needed), and
+#     prints its admin URL.
 #
-# Environment: PYTHON (interpreter used to create .venv; default python3.11, else python3).
+# Environment: PYTHON (interpreter used to create .venv; default python3.11, else python3),
+# DATABASE_URL, PG_PROBE_HOST/PG_PROBE_PORT (127.0.0.1:5432), PG_STACK_DIR (.stack/pg),
+# PG_STACK_PORT (55432).
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -18,6 +23,7 @@ PY_PACKAGES=(
     "pymilvus==3.0.2"
     "milvus-lite==3.2.2"
     "pytest==9.2.0"
+    "psycopg[binary]==3.3.9"
 )
 
 DONE=()
@@ -60,11 +66,16 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 for spec in sys.argv[1:]:
     name, want = spec.split("==")
-    try:
-        if version(name) != want:
+    names = [name]
+    if name.endswith("[binary]"):  # psycopg[binary]: psycopg and psycopg-binary, same version
+        base = name[: -len("[binary]")]
+        names = [base, base + "-binary"]
+    for name in names:
+        try:
+            if version(name) != want:
+                sys.exit(1)
+        except PackageNotFoundError:
             sys.exit(1)
-    except PackageNotFoundError:
-        sys.exit(1)
 EOF
         DONE+=("python packages: already installed (${PY_PACKAGES[*]})")
         return 0
@@ -80,10 +91,10 @@ EOF
     DONE+=("python packages: installed ${PY_PACKAGES[*]}")
 }
 
-# PostgreSQL is not needed yet. When the record/permission store lands, this installs Debian's
-# `postgresql` if missing, or uses DATABASE_URL when given (see the design notes).
+# A PostgreSQL server the sidecar and the tests can use (ensure_postgres in lib.sh).
 setup_postgres() {
-    DONE+=("postgresql: not needed yet (skipped)")
+    ensure_postgres
+    DONE+=("postgresql: $PG_SOURCE; admin URL $(pg_url_for_display "$PG_ADMIN_URL")")
 }
 
 check_rust

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, the release build, the Rust tests and the pymilvus
-# end-to-end tests (tests/e2e) against milvus-lite and the built sidecar.
+# end-to-end tests (tests/e2e) against milvus-lite, PostgreSQL and the built sidecar.
 #
 #   scripts/test.sh [extra pytest args...]
+#
+# PostgreSQL comes from ensure_postgres (lib.sh: DATABASE_URL, else 127.0.0.1:5432, else a
+# throwaway cluster in .stack/pg). Both cargo test and pytest get TEST_DATABASE_URL: an admin
+# URL of a server on which tests create, and drop, databases of their own. Set
+# TEST_DATABASE_URL yourself to point the tests somewhere else.
 #
 # Every step runs even when an earlier one failed (except e2e, which needs the release build); a
 # summary closes the output. Exits non-zero if any step failed or was skipped.
@@ -61,15 +66,30 @@ summary() {
     fi
 }
 
+# shellcheck disable=SC2317  # called indirectly, through step
+postgres_for_tests() {
+    # First in a subshell: a failure there (die) must not end this script before its summary.
+    (ensure_postgres) || return 1
+    ensure_postgres
+    export TEST_DATABASE_URL="${TEST_DATABASE_URL:-$PG_ADMIN_URL}"
+    echo "TEST_DATABASE_URL=$(pg_url_for_display "$TEST_DATABASE_URL") ($PG_SOURCE)"
+}
+
 if ! step setup scripts/setup.sh; then
     summary
     exit 1
 fi
+HAVE_PG=1
+step postgres postgres_for_tests || HAVE_PG=0
 step fmt cargo fmt --check || true
 step clippy cargo clippy --all-targets -- -D warnings || true
 if step build cargo build --release; then
     step cargo-test cargo test || true
-    step e2e run_pytest "$@" || true
+    if ((HAVE_PG)); then
+        step e2e run_pytest "$@" || true
+    else
+        skip e2e "needs PostgreSQL"
+    fi
 else
     step cargo-test cargo test || true
     skip e2e "needs the release build"

@@ -4,6 +4,10 @@
 transcript: a list of (step name, normalized result). Run once straight at Milvus and once
 through the sidecar, the two transcripts must be identical.
 
+`token` is passed to MilvusClient ("user:password" names the caller to the sidecar), and
+`on_step(name, transcript)` is called after every step, so that a test can look at the
+recorded state between steps.
+
 Every run creates its own collections and drops them at the end (also after a failure), so
 consecutive runs against the same server start from the same empty state.
 """
@@ -116,9 +120,13 @@ def make_rows(rng: random.Random, ids: range, title: str) -> list[dict]:
     ]
 
 
+StepHook = Callable[[str, Transcript], None]
+
+
 class Recorder:
-    def __init__(self) -> None:
+    def __init__(self, on_step: StepHook | None = None) -> None:
         self.transcript: Transcript = []
+        self.on_step = on_step
 
     def step(self, name: str, fn: Callable[[], Any], shape: Callable[[Any], Any] = plain) -> Any:
         """Run one step and record its shaped result, or the error it raised."""
@@ -126,13 +134,16 @@ class Recorder:
             result = fn()
         except Exception as exc:  # recorded, so that the comparison names the step
             self.transcript.append((name, plain(plain_error(exc))))
-            return None
-        self.transcript.append((name, shape(result)))
+            result = None
+        else:
+            self.transcript.append((name, shape(result)))
+        if self.on_step is not None:
+            self.on_step(name, self.transcript)
         return result
 
 
-def run_workflow(uri: str) -> Transcript:
-    rec = Recorder()
+def run_workflow(uri: str, token: str | None = None, on_step: StepHook | None = None) -> Transcript:
+    rec = Recorder(on_step)
     step = rec.step
     rng = random.Random(SEED)
     rows = make_rows(rng, range(N_ROWS), "row")
@@ -141,7 +152,10 @@ def run_workflow(uri: str) -> Transcript:
     queries = vectors(rng, NQ)
     quick_rows = [{"id": i, "vector": v, "note": f"dynamic-{i}"} for i, v in enumerate(vectors(rng, 20))]
 
-    client = step("connect", lambda: MilvusClient(uri=uri, timeout=60), lambda c: {"server_type": c.get_server_type()})
+    auth = {"token": token} if token else {}
+    client = step(
+        "connect", lambda: MilvusClient(uri=uri, timeout=60, **auth), lambda c: {"server_type": c.get_server_type()}
+    )
     if client is None:
         return rec.transcript
     try:

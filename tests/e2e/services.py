@@ -1,10 +1,12 @@
 """Starting and stopping milvus-lite and the sidecar for the end-to-end tests.
 
-Failures are reported with pytest.fail and the tail of the process's log."""
+Failures are reported with pytest.fail and the tail of the process's log. Also reads the
+sidecar's per-call log lines (`call_lines`, `CallLine`)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +23,9 @@ SIDECAR_START_TIMEOUT = 30.0
 SIDECAR_STOP_TIMEOUT = 30.0
 # One log line per forwarded call: test_workflow reads them, and they help when a test fails.
 SIDECAR_RUST_LOG = "info,milvus_sidecar::call=debug"
+# The password of the `root` admin a recording sidecar creates in its fresh database
+# (--root-password); tests call through such a sidecar with Service.token.
+ROOT_PASSWORD = "e2e-root-password"
 
 
 def binary_problem(var: str, hint: str) -> str | None:
@@ -79,6 +84,8 @@ class Service:
     log: Path
     port: int
     admin_port: int | None = None
+    # The pymilvus token to call a sidecar with (None: no authentication to pass).
+    token: str | None = None
 
     @property
     def uri(self) -> str:
@@ -136,7 +143,42 @@ def start_milvus_lite(bin_path: str, data_dir: Path, log: Path) -> Service:
     return svc
 
 
-def start_sidecar(bin_path: str, upstream_port: int, log: Path) -> Service:
+# Settings the sidecar could pick up from the test runner's environment: tests pass what
+# they mean on the command line, so none of these may leak in.
+SIDECAR_ENV_PREFIXES = ("MILVUS_SIDECAR_", "POSTGRES_")
+SIDECAR_ENV_NAMES = ("DATABASE_URL",)
+
+
+def sidecar_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(SIDECAR_ENV_PREFIXES) and k not in SIDECAR_ENV_NAMES
+    }
+    env["RUST_LOG"] = SIDECAR_RUST_LOG
+    env.update(extra or {})
+    return env
+
+
+def start_sidecar(
+    bin_path: str,
+    upstream_port: int,
+    log: Path,
+    *,
+    database_url: str | None = None,
+    spill_dir: Path | None = None,
+    auth: bool = True,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Service:
+    """Start a sidecar in front of 127.0.0.1:upstream_port and wait for its /healthz.
+
+    With `database_url` it records into that database (migrating it at start-up), with its
+    spill file in `spill_dir` (default: next to the log), and checks every call's credential
+    against the users there: the `root` admin it creates has ROOT_PASSWORD, and the returned
+    Service's `token` is root's. `auth=False` adds --no-auth. Without `database_url` it runs
+    --no-recording --no-auth (authentication needs PostgreSQL). `env` adds environment
+    variables (the sidecar's own are otherwise cleared)."""
     port, admin_port = free_port(), free_port()
     argv = [
         bin_path,
@@ -148,9 +190,20 @@ def start_sidecar(bin_path: str, upstream_port: int, log: Path) -> Service:
         "--admin-listen",
         f"127.0.0.1:{admin_port}",
     ]
-    env = dict(os.environ)
-    env["RUST_LOG"] = SIDECAR_RUST_LOG
-    svc = Service("milvus-sidecar", start_process("milvus-sidecar", argv, log, env), log, port, admin_port)
+    token = None
+    if database_url is not None:
+        spill = spill_dir or log.with_name(log.stem + "-spill")
+        argv += ["--database-url", database_url, "--spill-dir", str(spill)]
+        if auth:
+            argv += ["--root-password", ROOT_PASSWORD]
+            token = f"root:{ROOT_PASSWORD}"
+        else:
+            argv.append("--no-auth")
+    else:
+        argv += ["--no-recording", "--no-auth"]
+    argv += list(extra_args)
+    proc = start_process("milvus-sidecar", argv, log, sidecar_env(env))
+    svc = Service("milvus-sidecar", proc, log, port, admin_port, token)
     deadline = time.monotonic() + SIDECAR_START_TIMEOUT
     while True:
         try:
@@ -168,6 +221,20 @@ def start_sidecar(bin_path: str, upstream_port: int, log: Path) -> Service:
         time.sleep(0.1)
 
 
+def run_cli(bin_path: str, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `milvus-sidecar ARGS...` (migrate, user, grant, ...) to completion."""
+    return subprocess.run(
+        [bin_path, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=sidecar_env(env),
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
+
+
 def stop_sidecar_checked(svc: Service) -> None:
     """SIGTERM the sidecar; it must drain and exit 0 within SIDECAR_STOP_TIMEOUT."""
     status = svc.stop(SIDECAR_STOP_TIMEOUT)
@@ -178,3 +245,55 @@ def stop_sidecar_checked(svc: Service) -> None:
         )
     if status != 0:
         pytest.fail(f"sidecar exited with status {status} after SIGTERM\n" + log_tail(svc.log), pytrace=False)
+
+
+@dataclass(frozen=True)
+class CallLine:
+    """One `milvus_sidecar::call` log line: a call the sidecar forwarded and recorded."""
+
+    id: str
+    method: str
+    grpc: str
+    milvus_code: int
+    collection: str | None
+    text: str
+
+    @property
+    def success(self) -> bool:
+        return self.grpc == "Ok" and self.milvus_code == 0
+
+
+_CALL_ID = re.compile(r"milvus_sidecar::call: call id=(\S+) ")
+_COLLECTION = re.compile(r' collection="([^"]*)"')
+_FIELD = {
+    "method": re.compile(r' method="?(\w+)"?'),
+    "grpc": re.compile(r" grpc=(\w+)"),
+    "milvus_code": re.compile(r" milvus_code=(-?\d+)"),
+}
+
+
+def call_lines(log_text: str) -> list[CallLine]:
+    """The calls in a sidecar log (RUST_LOG must include milvus_sidecar::call=debug)."""
+    calls = []
+    for line in log_text.splitlines():
+        m = _CALL_ID.search(line)
+        if not m:
+            continue
+        fields = {}
+        for name, pattern in _FIELD.items():
+            f = pattern.search(line, m.end() - 1)
+            if not f:
+                raise AssertionError(f"call log line without {name}: {line}")
+            fields[name] = f.group(1)
+        coll = _COLLECTION.search(line, m.end() - 1)
+        calls.append(
+            CallLine(
+                m.group(1),
+                fields["method"],
+                fields["grpc"],
+                int(fields["milvus_code"]),
+                coll.group(1) if coll else None,
+                line,
+            )
+        )
+    return calls

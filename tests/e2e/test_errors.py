@@ -27,7 +27,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def clients(milvus_lite, sidecar):
     direct = MilvusClient(uri=milvus_lite.uri, timeout=30)
-    via_sidecar = MilvusClient(uri=sidecar.uri, timeout=30)
+    via_sidecar = MilvusClient(uri=sidecar.uri, token=sidecar.token, timeout=30)  # as root: every call allowed
     direct.create_collection(EXISTING, dimension=DIM, metric_type="L2")
     yield direct, via_sidecar
     direct.drop_collection(EXISTING)

@@ -15,9 +15,10 @@ from milvus_workflow import COLLECTION, N_PARTITION_ROWS, N_ROWS, NQ, TOP_K, run
 @pytest.fixture(scope="module")
 def transcripts(milvus_lite, sidecar):
     """(direct, via_sidecar): run one after the other on the same milvus-lite. Each run drops
-    what it created, so both start from the same empty server."""
+    what it created, so both start from the same empty server. Through the sidecar the
+    workflow calls as its root admin (the sidecar checks credentials; milvus-lite has none)."""
     direct = run_workflow(milvus_lite.uri)
-    via_sidecar = run_workflow(sidecar.uri)
+    via_sidecar = run_workflow(sidecar.uri, token=sidecar.token)
     return direct, via_sidecar
 
 
