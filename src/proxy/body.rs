@@ -1,6 +1,8 @@
 //! The one body type the proxy sends in either direction.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,8 +19,8 @@ pub enum Body {
     Empty,
     /// A request the sidecar read whole to inspect; these are its original bytes.
     Full(Option<Bytes>),
-    /// A request streamed through untouched.
-    Raw(Incoming),
+    /// A request streamed through untouched; `seen` counts its bytes for the call's facts.
+    Raw { inner: Incoming, seen: Arc<AtomicU64> },
     /// A reply streamed back to the client while it is being observed.
     Observed(Observed),
     /// A reply the sidecar rewrote (a filtered listing): its message, then its trailers.
@@ -33,7 +35,15 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Body::Raw(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Raw { inner, seen } => {
+                let polled = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let Some(data) = frame.data_ref()
+                {
+                    seen.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                polled
+            }
             Body::Observed(inner) => Pin::new(inner).poll_frame(cx),
             Body::Complete { data, trailers } => Poll::Ready(match data.take() {
                 Some(d) => Some(Ok(Frame::data(d))),
@@ -46,7 +56,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
-            Body::Raw(inner) => inner.is_end_stream(),
+            Body::Raw { inner, .. } => inner.is_end_stream(),
             Body::Observed(inner) => inner.is_end_stream(),
             Body::Complete { data, trailers } => data.is_none() && trailers.is_none(),
         }
@@ -56,7 +66,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Body::Raw(inner) => inner.size_hint(),
+            Body::Raw { inner, .. } => inner.size_hint(),
             Body::Observed(inner) => inner.size_hint(),
             Body::Complete { .. } => SizeHint::default(),
         }

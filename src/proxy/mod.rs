@@ -187,7 +187,9 @@ impl Shared {
             {
                 return answer_ourselves(call, refusal.into());
             }
-            Body::Raw(body)
+            let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            call.request_seen = Some(seen.clone());
+            Body::Raw { inner: body, seen }
         };
 
         if let Some((auth, principal)) = &who
@@ -313,6 +315,7 @@ impl Shared {
             finished: false,
             reply: None,
             on_created: None,
+            request_seen: None,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct InFlight {
     pub reply: Option<ReplyCapture>,
     /// Who to tell when this call creates a collection.
     pub on_created: Option<CreatedHook>,
+    /// Bytes of a request that streamed through unread, counted as they went.
+    pub request_seen: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The creator of a collection may use it at once: the grant is cached as soon as Milvus
@@ -140,6 +142,9 @@ impl InFlight {
                 Outcome::grpc(Code::Cancelled, "the client cancelled the call before its reply was complete");
         }
         self.settle();
+        if let Some(seen) = &self.request_seen {
+            self.facts.request_bytes = seen.load(std::sync::atomic::Ordering::Relaxed);
+        }
         self.facts.duration = self.started.elapsed();
         self.recorder.record(self.facts);
     }

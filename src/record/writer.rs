@@ -54,6 +54,19 @@ impl Writer {
                 _ = retry => {}
                 _ = &mut finish, if !finishing => finishing = true,
             }
+            let deadline = Instant::now() + self.flush_interval;
+            while !finishing && pending.len() < self.batch_rows {
+                tokio::select! {
+                    biased;
+                    got = queue.recv() => match got {
+                        Some(facts) => self.push(&mut pending, facts),
+                        None => finishing = true,
+                    },
+                    // Shutdown does not wait for the batch to fill.
+                    _ = &mut finish, if !finishing => finishing = true,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
             if finishing {
                 // Shutting down: take what is queued now, write it, and stop.
                 while let Ok(facts) = queue.try_recv() {
@@ -61,17 +74,6 @@ impl Writer {
                 }
                 self.flush(&mut pending).await;
                 break;
-            }
-            let deadline = Instant::now() + self.flush_interval;
-            while pending.len() < self.batch_rows {
-                tokio::select! {
-                    biased;
-                    got = queue.recv() => match got {
-                        Some(facts) => self.push(&mut pending, facts),
-                        None => break,
-                    },
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
             }
             self.flush(&mut pending).await;
         }

@@ -291,8 +291,11 @@ where
     I: Iterator<Item = Vec<&'a (dyn ToSql + Sync)>>,
 {
     let staging = format!("staging_{table}");
+    // The staging table lives as long as the pooled connection; the notice that it already
+    // exists would otherwise be logged for every batch.
     tx.batch_execute(&format!(
-        "CREATE TEMPORARY TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        "SET LOCAL client_min_messages = warning;
+         CREATE TEMPORARY TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     ))
     .await?;
     let sink = tx.copy_in(&format!("COPY {staging} ({columns}) FROM STDIN (FORMAT binary)")).await?;

@@ -314,8 +314,8 @@ async fn upsert_index(
                                          ELSE EXCLUDED.field_name END,
                        index_type = coalesce(EXCLUDED.index_type, index_management.index_type),
                        metric_type = coalesce(EXCLUDED.metric_type, index_management.metric_type),
-                       params = CASE WHEN EXCLUDED.params = '{}' THEN index_management.params
-                                     ELSE EXCLUDED.params END,
+                       -- merged: DescribeIndex may leave out build parameters CreateIndex sent
+                       params = index_management.params || EXCLUDED.params,
                        state = coalesce($8, index_management.state),
                        indexed_rows = coalesce(EXCLUDED.indexed_rows, index_management.indexed_rows),
                        total_rows = coalesce(EXCLUDED.total_rows, index_management.total_rows),

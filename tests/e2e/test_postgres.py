@@ -226,12 +226,6 @@ def test_sigterm_writes_the_records_still_queued(binaries, milvus_lite, tmp_path
     assert took < 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (sidecar): on SIGTERM the writer finishes filling its batch (waits out "
-    "--flush-interval) before it sees the shutdown; with an interval over 30 s shutdown gives "
-    "up after 30 s and the queued records are lost (4 calls, 0 performance_metrics rows)",
-)
 def test_sigterm_does_not_wait_for_the_flush_interval(binaries, milvus_lite, tmp_path, new_database):
     status, took, calls, stored = sigterm_run(
         binaries, milvus_lite, tmp_path, new_database, "sigterm_slow",
