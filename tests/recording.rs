@@ -291,3 +291,44 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
     let ahead = "SELECT count(*) FROM pg_class WHERE relname = 'query_logs_p' || to_char(current_date + 7, 'YYYYMMDD')";
     assert_eq!(db.count(ahead).await, 1, "a week of partitions ahead");
 }
+
+#[tokio::test]
+async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let spill = tempdir::Dir::new();
+    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
+    config.database = DatabaseArgs::from_url(&db.url());
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill.path.clone();
+    // A small queue and one-record transactions: PostgreSQL cannot keep up with 16 callers.
+    config.recording.queue_capacity = 1024;
+    config.recording.batch_rows = 1;
+    let app = App::start(config).await.unwrap();
+    let addr = app.running.listen_addr;
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = RawClient::connect(addr).await;
+                for _ in 0..100 {
+                    client.unary("Search", search("c")).await.expect("calls never wait for PostgreSQL");
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let stats = &app.recording.as_ref().unwrap().stats;
+    assert!(stats.records_spilled.load(std::sync::atomic::Ordering::Relaxed) > 0, "the backlog went to disk");
+    let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", 1600).await;
+    assert_eq!(
+        arrived,
+        1600,
+        "every call arrives; {stats:?}; rejected: {:?}",
+        std::fs::read_to_string(spill.path.join("rejected.jsonl")).map(|s| s.lines().count())
+    );
+    assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing dropped");
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 1600, "none twice");
+}

@@ -59,6 +59,7 @@ impl Recording {
             spill,
             stats: stats.clone(),
             batch_rows: args.batch_rows.max(1),
+            queue_capacity: args.queue_capacity.max(1),
             flush_interval: args.flush_interval,
             catalog: Catalog::default(),
         };

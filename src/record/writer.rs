@@ -19,6 +19,9 @@ use crate::store::logs::{Batch, Ids};
 use crate::store::mirror::{Catalog, MirrorOp};
 use crate::store::{Pool, is_transient};
 
+/// Smallest batch replayed from the spill file.
+const REPLAY_BATCH_MIN: usize = 1_000;
+
 /// How often the writer tries PostgreSQL again while records wait in the spill file.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -28,6 +31,7 @@ pub struct Writer {
     pub spill: Spill,
     pub stats: Arc<Stats>,
     pub batch_rows: usize,
+    pub queue_capacity: usize,
     pub flush_interval: Duration,
     pub catalog: Catalog,
 }
@@ -72,10 +76,17 @@ impl Writer {
                 while let Ok(facts) = queue.try_recv() {
                     self.push(&mut pending, facts);
                 }
-                self.flush(&mut pending).await;
+                self.flush(&mut pending, 0).await;
                 break;
             }
-            self.flush(&mut pending).await;
+            let backlog = queue.len();
+            if backlog > self.queue_capacity / 2 {
+                // Falling behind: everything queued goes to disk in this one round.
+                while let Ok(facts) = queue.try_recv() {
+                    self.push(&mut pending, facts);
+                }
+            }
+            self.flush(&mut pending, backlog).await;
         }
         let waiting = self.spill.waiting();
         if waiting > 0 {
@@ -92,13 +103,25 @@ impl Writer {
         }
     }
 
-    async fn flush(&mut self, pending: &mut Vec<Record>) {
-        if self.spill.waiting() > 0 {
+    /// Writes `pending`. `backlog` is how many records wait in the queue: when PostgreSQL
+    /// falls behind (over half the queue), batches go to the spill file, which is far
+    /// cheaper than a transaction, so the queue never fills while the disk has room; they
+    /// are written to PostgreSQL, in order, as it catches up.
+    async fn flush(&mut self, pending: &mut Vec<Record>, backlog: usize) {
+        let behind = backlog > self.queue_capacity / 2;
+        if self.spill.waiting() > 0 || behind {
             // Older records wait on disk: newer ones queue behind them to keep the order.
             if !pending.is_empty() {
+                if behind && self.spill.waiting() == 0 {
+                    tracing::warn!(
+                        backlog,
+                        "PostgreSQL is falling behind: spilling records to disk until it catches up"
+                    );
+                }
                 self.spill_out(pending).await;
             }
-            self.replay().await;
+            // While behind, one batch per round, so the queue keeps draining.
+            self.replay(if behind { 1 } else { usize::MAX }).await;
             return;
         }
         if pending.is_empty() {
@@ -143,10 +166,13 @@ impl Writer {
         records.clear();
     }
 
-    /// Replays spilled records, oldest first, until none are left or PostgreSQL fails again.
-    async fn replay(&mut self) {
-        loop {
-            let (mut chunk, offset) = match self.spill.peek(self.batch_rows).await {
+    /// Replays up to `batches` batches of spilled records, oldest first, stopping early when
+    /// none are left or PostgreSQL fails again.
+    async fn replay(&mut self, batches: usize) {
+        for _ in 0..batches {
+            // Catching up: batches at least as large as the usual ones, larger when the
+            // configured batch is small.
+            let (mut chunk, offset) = match self.spill.peek(self.batch_rows.max(REPLAY_BATCH_MIN)).await {
                 Ok(read) => read,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the spill file");
@@ -171,7 +197,7 @@ impl Writer {
                 return;
             }
             if self.spill.waiting() == 0 {
-                tracing::info!("PostgreSQL is back; every spilled record has been written");
+                tracing::info!("every spilled record has now been written to PostgreSQL");
                 return;
             }
         }
