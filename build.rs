@@ -7,9 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
+    prost_build::Config::new().compile_protos(&["proto/views.proto"], &["proto"])?;
+    // sync.proto uses views.proto's shared messages, which live in crate::milvus::views.
+    // (An extern path is not generated, hence the separate run above.)
     prost_build::Config::new()
-        // sync.proto uses views.proto's shared messages; they live in crate::milvus::views.
         .extern_path(".milvus_sidecar.views", "crate::milvus::views")
-        .compile_protos(&["proto/views.proto", "proto/sync.proto"], &["proto"])?;
+        .compile_protos(&["proto/sync.proto"], &["proto"])?;
     Ok(())
 }
