@@ -178,10 +178,27 @@ async fn measure_run(
     // Sample the sidecar at the window's edges so that warm-up CPU is not charged to the run.
     sleep_until(window.measure_from.into()).await;
     let before = watched.map(Sidecar::usage).transpose()?;
+    let rows_before = if watched.is_some() && config.with_database { logged_rows().await } else { None };
     sleep_until(window.until.into()).await;
     let after = watched.map(Sidecar::usage).transpose()?;
+    let rows_after = if rows_before.is_some() { logged_rows().await } else { None };
     let stats = load::join(workers).await?;
-    Ok(RunResult::new(stats, config.measure.as_secs_f64(), before.zip(after)))
+    let mut result = RunResult::new(stats, config.measure.as_secs_f64(), before.zip(after));
+    if let (Some(cost), Some(b), Some(a)) = (result.sidecar.as_mut(), rows_before, rows_after) {
+        cost.rows_per_sec = Some((a - b) as f64 / config.measure.as_secs_f64());
+    }
+    Ok(result)
+}
+
+/// Rows in the four log tables of the sidecar's database (DATABASE_URL): their growth over
+/// the window is what the writer put into PostgreSQL.
+async fn logged_rows() -> Option<i64> {
+    let url = env::var("DATABASE_URL").ok()?;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(conn);
+    let sql = "SELECT (SELECT count(*) FROM performance_metrics) + (SELECT count(*) FROM query_logs) \
+               + (SELECT count(*) FROM ingestion_logs) + (SELECT count(*) FROM audit_logs)";
+    client.query_one(sql, &[]).await.ok().map(|row| row.get(0))
 }
 
 struct Config {

@@ -61,7 +61,7 @@ impl App {
                     },
                     settings.clone(),
                 ));
-                background.push(authority.watch(pg.clone()));
+                background.push(authority.watch(pg.clone()).await);
                 auth = Some(authority);
             }
             // Collections Milvus held before the sidecar (or got behind its back) join the

@@ -19,6 +19,8 @@ pub struct SidecarCost {
     pub cpu_us_per_req: f64,
     pub rss_mib: f64,
     pub peak_mib: f64,
+    /// Rows the writer put into PostgreSQL per second over the window (recording on).
+    pub rows_per_sec: Option<f64>,
 }
 
 impl RunResult {
@@ -29,6 +31,7 @@ impl RunResult {
             cpu_us_per_req: (after.cpu_secs - before.cpu_secs) * 1e6 / requests.max(1) as f64,
             rss_mib: after.rss_kib as f64 / 1024.0,
             peak_mib: after.peak_kib as f64 / 1024.0,
+            rows_per_sec: None,
         });
         RunResult {
             p50_us: stats.latency_us.value_at_quantile(0.50) as f64,
@@ -48,6 +51,9 @@ impl RunResult {
                 "  CPU {:.1} µs/req  RSS {:.1} MiB (peak {:.1})",
                 cost.cpu_us_per_req, cost.rss_mib, cost.peak_mib
             );
+            if let Some(rows) = cost.rows_per_sec {
+                line += &format!("  writer {rows:.0} rows/s");
+            }
         }
         if self.errors > 0 {
             line += &format!("  {} ERRORS", self.errors);

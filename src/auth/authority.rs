@@ -285,21 +285,34 @@ impl Authority {
 
     /// Clears the caches whenever users, grants or collections change, and every 30 s
     /// regardless (in case a notification was missed while disconnected).
-    pub fn watch(self: &Arc<Self>, config: tokio_postgres::Config) -> tokio::task::JoinHandle<()> {
+    ///
+    /// Returns once the first LISTEN is in place (or after 5 s), so that nothing served
+    /// afterwards can miss a change.
+    pub async fn watch(self: &Arc<Self>, config: tokio_postgres::Config) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        tokio::spawn(async move {
+        let (listening, first) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut listening = Some(listening);
             loop {
                 // While PostgreSQL is away the caches keep serving (nothing could reload them);
                 // `listen` clears them once it is back, for whatever changed meanwhile.
-                if let Err(e) = this.listen(&config).await {
+                if let Err(e) = this.listen(&config, &mut listening).await {
                     tracing::warn!(error = %e, "lost the permission-change watch; reconnecting in 1 s");
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-        })
+        });
+        if tokio::time::timeout(Duration::from_secs(5), first).await.is_err() {
+            tracing::warn!("the permission-change watch is not in place yet; it keeps trying");
+        }
+        task
     }
 
-    async fn listen(&self, config: &tokio_postgres::Config) -> Result<(), tokio_postgres::Error> {
+    async fn listen(
+        &self,
+        config: &tokio_postgres::Config,
+        listening: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), tokio_postgres::Error> {
         let (client, mut connection) = config.connect(NoTls).await?;
         let (tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
         let pump = tokio::spawn(async move {
@@ -317,6 +330,9 @@ impl Authority {
         client.batch_execute("LISTEN milvus_sidecar_auth").await?;
         // Anything cached before the LISTEN took effect may be stale.
         self.invalidate();
+        if let Some(listening) = listening.take() {
+            let _ = listening.send(());
+        }
         loop {
             tokio::select! {
                 got = changed.recv() => match got {

@@ -14,7 +14,7 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from pgdb import Db, wait_for
-from services import run_cli, start_sidecar, stop_sidecar_checked
+from services import run_cli, start_milvus_lite, start_sidecar, stop_sidecar_checked
 
 DIM = 8
 PASSWORD = "matrix-pw"
@@ -45,11 +45,13 @@ def vectors(n: int) -> list[list[float]]:
 
 
 @pytest.fixture(scope="module")
-def rbac(binaries, milvus_lite, e2e_dir, new_database):
+def rbac(binaries, e2e_dir, new_database):
     """A recording sidecar with the five users, each granted its level on `shared` and on
-    a collection of its own to try dropping (`drop_<user>`)."""
+    a collection of its own to try dropping (`drop_<user>`). It has a milvus-lite of its own,
+    so the collections made here stay out of the other tests' way."""
     _, url = new_database("rbac")
-    svc = start_sidecar(binaries["sidecar"], milvus_lite.port, e2e_dir / "rbac-sidecar.log", database_url=url,
+    lite = start_milvus_lite(binaries["milvus_lite"], e2e_dir / "rbac-milvus-data", e2e_dir / "rbac-milvus-lite.log")
+    svc = start_sidecar(binaries["sidecar"], lite.port, e2e_dir / "rbac-sidecar.log", database_url=url,
                         spill_dir=e2e_dir / "rbac-spill")
     root = MilvusClient(uri=svc.uri, token=svc.token)
     targets = ["shared"] + [f"drop_{u}" for u in USERS]
@@ -73,6 +75,7 @@ def rbac(binaries, milvus_lite, e2e_dir, new_database):
     root.close()
     db.close()
     stop_sidecar_checked(svc)
+    lite.stop(15)
 
 
 def attempt(client: MilvusClient, user: str, action: str):
