@@ -106,30 +106,7 @@ impl Batch<'_> {
                     &p.metadata,
                 ]
             });
-            copy(
-                tx,
-                "performance_metrics",
-                "id, recorded_at, operation_type, user_id, database_name, collection_id, duration_ms, success, \
-                 grpc_code, milvus_code, error_message, request_bytes, reply_bytes, metadata",
-                &[
-                    Type::UUID,
-                    Type::TIMESTAMPTZ,
-                    Type::TEXT,
-                    Type::UUID,
-                    Type::TEXT,
-                    Type::UUID,
-                    Type::FLOAT8,
-                    Type::BOOL,
-                    Type::INT2,
-                    Type::INT4,
-                    Type::TEXT,
-                    Type::INT8,
-                    Type::INT8,
-                    Type::JSONB,
-                ],
-                rows,
-            )
-            .await?;
+            copy(tx, &PERFORMANCE_METRICS, rows).await?;
         }
         if !self.query.is_empty() {
             let rows = self.query.iter().map(|(c, ids, q, dim)| -> Vec<&(dyn ToSql + Sync)> {
@@ -153,34 +130,7 @@ impl Batch<'_> {
                     &c.error,
                 ]
             });
-            copy(
-                tx,
-                "query_logs",
-                "id, executed_at, user_id, username, database_name, collection_id, query_type, duration_ms, \
-                 success, top_k, nq, query_vector_dimension, search_params, filter_expression, output_fields, \
-                 result_count, error_message",
-                &[
-                    Type::UUID,
-                    Type::TIMESTAMPTZ,
-                    Type::UUID,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::UUID,
-                    Type::TEXT,
-                    Type::FLOAT8,
-                    Type::BOOL,
-                    Type::INT4,
-                    Type::INT4,
-                    Type::INT4,
-                    Type::JSONB,
-                    Type::TEXT,
-                    Type::TEXT_ARRAY,
-                    Type::INT8,
-                    Type::TEXT,
-                ],
-                rows,
-            )
-            .await?;
+            copy(tx, &QUERY_LOGS, rows).await?;
         }
         if !self.ingestion.is_empty() {
             let rows = self.ingestion.iter().map(|(c, ids, i)| -> Vec<&(dyn ToSql + Sync)> {
@@ -201,30 +151,7 @@ impl Batch<'_> {
                     &c.error,
                 ]
             });
-            copy(
-                tx,
-                "ingestion_logs",
-                "id, ingested_at, user_id, username, database_name, collection_id, partition_name, operation, \
-                 rows_sent, rows_acknowledged, bytes, duration_ms, success, error_message",
-                &[
-                    Type::UUID,
-                    Type::TIMESTAMPTZ,
-                    Type::UUID,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::UUID,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::INT8,
-                    Type::INT8,
-                    Type::INT8,
-                    Type::FLOAT8,
-                    Type::BOOL,
-                    Type::TEXT,
-                ],
-                rows,
-            )
-            .await?;
+            copy(tx, &INGESTION_LOGS, rows).await?;
         }
         if !self.audit.is_empty() {
             let rows = self.audit.iter().map(|(c, ids, a)| -> Vec<&(dyn ToSql + Sync)> {
@@ -247,50 +174,113 @@ impl Batch<'_> {
                     &a.user_agent,
                 ]
             });
-            copy(
-                tx,
-                "audit_logs",
-                "id, occurred_at, user_id, username, action, resource_type, resource_id, database_name, \
-                 collection_id, success, grpc_code, milvus_code, error_message, details, ip_address, user_agent",
-                &[
-                    Type::UUID,
-                    Type::TIMESTAMPTZ,
-                    Type::UUID,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::TEXT,
-                    Type::UUID,
-                    Type::BOOL,
-                    Type::INT2,
-                    Type::INT4,
-                    Type::TEXT,
-                    Type::JSONB,
-                    Type::INET,
-                    Type::TEXT,
-                ],
-                rows,
-            )
-            .await?;
+            copy(tx, &AUDIT_LOGS, rows).await?;
         }
         Ok(())
     }
 }
 
+/// A log table's columns as the batch writes them: names and binary COPY types side by
+/// side, in the order of the values in `Batch::write`.
+struct LogTable {
+    name: &'static str,
+    columns: &'static [(&'static str, Type)],
+}
+
+const PERFORMANCE_METRICS: LogTable = LogTable {
+    name: "performance_metrics",
+    columns: &[
+        ("id", Type::UUID),
+        ("recorded_at", Type::TIMESTAMPTZ),
+        ("operation_type", Type::TEXT),
+        ("user_id", Type::UUID),
+        ("database_name", Type::TEXT),
+        ("collection_id", Type::UUID),
+        ("duration_ms", Type::FLOAT8),
+        ("success", Type::BOOL),
+        ("grpc_code", Type::INT2),
+        ("milvus_code", Type::INT4),
+        ("error_message", Type::TEXT),
+        ("request_bytes", Type::INT8),
+        ("reply_bytes", Type::INT8),
+        ("metadata", Type::JSONB),
+    ],
+};
+
+const QUERY_LOGS: LogTable = LogTable {
+    name: "query_logs",
+    columns: &[
+        ("id", Type::UUID),
+        ("executed_at", Type::TIMESTAMPTZ),
+        ("user_id", Type::UUID),
+        ("username", Type::TEXT),
+        ("database_name", Type::TEXT),
+        ("collection_id", Type::UUID),
+        ("query_type", Type::TEXT),
+        ("duration_ms", Type::FLOAT8),
+        ("success", Type::BOOL),
+        ("top_k", Type::INT4),
+        ("nq", Type::INT4),
+        ("query_vector_dimension", Type::INT4),
+        ("search_params", Type::JSONB),
+        ("filter_expression", Type::TEXT),
+        ("output_fields", Type::TEXT_ARRAY),
+        ("result_count", Type::INT8),
+        ("error_message", Type::TEXT),
+    ],
+};
+
+const INGESTION_LOGS: LogTable = LogTable {
+    name: "ingestion_logs",
+    columns: &[
+        ("id", Type::UUID),
+        ("ingested_at", Type::TIMESTAMPTZ),
+        ("user_id", Type::UUID),
+        ("username", Type::TEXT),
+        ("database_name", Type::TEXT),
+        ("collection_id", Type::UUID),
+        ("partition_name", Type::TEXT),
+        ("operation", Type::TEXT),
+        ("rows_sent", Type::INT8),
+        ("rows_acknowledged", Type::INT8),
+        ("bytes", Type::INT8),
+        ("duration_ms", Type::FLOAT8),
+        ("success", Type::BOOL),
+        ("error_message", Type::TEXT),
+    ],
+};
+
+const AUDIT_LOGS: LogTable = LogTable {
+    name: "audit_logs",
+    columns: &[
+        ("id", Type::UUID),
+        ("occurred_at", Type::TIMESTAMPTZ),
+        ("user_id", Type::UUID),
+        ("username", Type::TEXT),
+        ("action", Type::TEXT),
+        ("resource_type", Type::TEXT),
+        ("resource_id", Type::TEXT),
+        ("database_name", Type::TEXT),
+        ("collection_id", Type::UUID),
+        ("success", Type::BOOL),
+        ("grpc_code", Type::INT2),
+        ("milvus_code", Type::INT4),
+        ("error_message", Type::TEXT),
+        ("details", Type::JSONB),
+        ("ip_address", Type::INET),
+        ("user_agent", Type::TEXT),
+    ],
+};
+
 /// COPY `rows` into a temporary twin of `table`, then move them across, skipping rows
 /// whose id is already there.
-async fn copy<'a, I>(
-    tx: &Transaction<'_>,
-    table: &str,
-    columns: &str,
-    types: &[Type],
-    rows: I,
-) -> Result<(), tokio_postgres::Error>
+async fn copy<'a, I>(tx: &Transaction<'_>, table: &LogTable, rows: I) -> Result<(), tokio_postgres::Error>
 where
     I: Iterator<Item = Vec<&'a (dyn ToSql + Sync)>>,
 {
-    let staging = format!("staging_{table}");
+    let columns = table.columns.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ");
+    let types: Vec<Type> = table.columns.iter().map(|(_, ty)| ty.clone()).collect();
+    let (table, staging) = (table.name, format!("staging_{}", table.name));
     // The staging table lives as long as the pooled connection; the notice that it already
     // exists would otherwise be logged for every batch.
     tx.batch_execute(&format!(
@@ -299,7 +289,7 @@ where
     ))
     .await?;
     let sink = tx.copy_in(&format!("COPY {staging} ({columns}) FROM STDIN (FORMAT binary)")).await?;
-    let writer = BinaryCopyInWriter::new(sink, types);
+    let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
     for row in rows {
         writer.as_mut().write(&row).await?;
