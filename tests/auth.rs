@@ -302,3 +302,22 @@ async fn two_sidecars_on_one_database_both_follow_a_revocation() {
     second.shutdown().await;
     s.app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_service_credential_replaces_the_callers_towards_milvus() {
+    let s = setup_with(false, |a| a.upstream_credential = Some("svc:upstream-secret".into())).await;
+    call(&s, "Search", Some("alice:alice-pw"), search("docs")).await.expect("allowed");
+    let seen = s.upstream.last("Search").unwrap();
+    use base64::Engine;
+    let expected = base64::engine::general_purpose::STANDARD.encode("svc:upstream-secret");
+    assert_eq!(seen.headers["authorization"], expected.as_str(), "Milvus sees the sidecar's credential");
+    s.app.shutdown().await;
+
+    // By default the caller's own header passes through.
+    let s = setup().await;
+    call(&s, "Search", Some("alice:alice-pw"), search("docs")).await.expect("allowed");
+    let seen = s.upstream.last("Search").unwrap();
+    let expected = base64::engine::general_purpose::STANDARD.encode("alice:alice-pw");
+    assert_eq!(seen.headers["authorization"], expected.as_str());
+    s.app.shutdown().await;
+}
