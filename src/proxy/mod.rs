@@ -111,15 +111,23 @@ impl Shared {
         let mut call = self.start_call(rpc, &parts, peer, started);
         let method = call.facts.method.clone();
 
+        // The user on the call's record: the verified one, else who the header claims to be
+        // (a refused login is audited under the name it tried).
         let who = match &self.auth {
             Some(auth) => match auth.identify(&parts.headers).await {
                 Ok(principal) => {
                     call.facts.client.user = Some(principal.name.to_string());
                     Some((auth, principal))
                 }
-                Err(refusal) => return answer_ourselves(call, refusal.into()),
+                Err(refusal) => {
+                    call.facts.client.user = crate::auth::claimed_user(&parts.headers);
+                    return answer_ourselves(call, refusal.into());
+                }
             },
-            None => None,
+            None => {
+                call.facts.client.user = crate::auth::claimed_user(&parts.headers);
+                None
+            }
         };
         let rule = access::rule(method.name());
         let scoped = matches!(rule, Some(MethodRule { access: Access::Collection { .. }, .. }));
@@ -305,7 +313,7 @@ impl Shared {
                 reply_bytes: 0,
                 client: Client {
                     peer: Some(peer),
-                    user: crate::auth::claimed_user(headers),
+                    user: None,
                     user_agent: headers.get(http::header::USER_AGENT).cloned(),
                     request_id: headers.get("client-request-id").cloned(),
                 },
