@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -86,7 +86,15 @@ pub struct Authority {
     cache: RwLock<Cache>,
     /// Bumped on every invalidation, so a load that raced one is not cached.
     generation: AtomicU64,
+    /// Collections callers created through this sidecar recently, kept apart from the
+    /// cache so that an invalidation before the writer stored the creator's grant does
+    /// not take it away (user id, database, collection, when).
+    created: Mutex<Vec<(Uuid, String, String, Instant)>>,
 }
+
+/// How long a creation seen here stands in for the grant the writer stores; far longer
+/// than the writer takes, short enough that a stale entry cannot linger.
+const CREATED_GRACE: Duration = Duration::from_secs(60);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -97,7 +105,15 @@ impl Authority {
     pub fn new(pool: Pool, config: AuthConfig, settings: Arc<Settings>) -> Authority {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).expect("the operating system provides random bytes");
-        Authority { pool, key, config, settings, cache: RwLock::default(), generation: AtomicU64::new(0) }
+        Authority {
+            pool,
+            key,
+            config,
+            settings,
+            cache: RwLock::default(),
+            generation: AtomicU64::new(0),
+            created: Mutex::default(),
+        }
     }
 
     /// Forgets every cached identity and grant.
@@ -192,6 +208,11 @@ impl Authority {
                 grants.grant(row.get(0), row.get(1), level);
             }
         }
+        for (user, database, collection, at) in self.created.lock().unwrap().iter() {
+            if *user == principal.id && at.elapsed() < CREATED_GRACE {
+                grants.grant(database.clone(), collection.clone(), Level::Admin);
+            }
+        }
         let grants = Arc::new(grants);
         if self.generation.load(Ordering::SeqCst) == generation {
             self.cache.write().unwrap().grants.insert(principal.id, grants.clone());
@@ -202,10 +223,21 @@ impl Authority {
     /// The creator of a collection administers it from the moment Milvus says it exists,
     /// before the writer has stored the grant.
     pub fn note_created(&self, principal: &Principal, database: &str, collection: &str) {
+        {
+            let mut created = self.created.lock().unwrap();
+            created.retain(|(.., at)| at.elapsed() < CREATED_GRACE);
+            created.push((principal.id, database.to_owned(), collection.to_owned(), Instant::now()));
+        }
+        // A load already under way may have missed the creation: keep it out of the cache.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        // Cached grants gain the collection now; uncached ones pick it up from `created`
+        // when they load (inserting a fresh entry here would hide the user's other grants).
         let mut cache = self.cache.write().unwrap();
-        let mut grants = cache.grants.get(&principal.id).map(|g| (**g).clone()).unwrap_or_default();
-        grants.grant(database.to_owned(), collection.to_owned(), Level::Admin);
-        cache.grants.insert(principal.id, Arc::new(grants));
+        if let Some(grants) = cache.grants.get_mut(&principal.id) {
+            let mut updated = (**grants).clone();
+            updated.grant(database.to_owned(), collection.to_owned(), Level::Admin);
+            *grants = Arc::new(updated);
+        }
     }
 
     /// Whether `principal` may make this call on `targets` ((database, collection) pairs
