@@ -8,9 +8,10 @@ use anyhow::Context;
 
 use crate::auth::authority::{AuthConfig, Authority, bootstrap_root};
 use crate::config::Config;
-use crate::record::{LogRecorder, Recorder, Recording};
+use crate::record::{NoRecorder, Recorder, Recording};
 use crate::settings::Settings;
 use crate::store::{self, maintenance, migrate, system_config};
+use crate::telemetry::{Sources, Telemetry};
 use crate::{Running, start};
 
 pub struct App {
@@ -24,6 +25,8 @@ pub struct App {
 impl App {
     pub async fn start(config: Config) -> anyhow::Result<App> {
         let settings = Arc::new(Settings::default());
+        let telemetry = Arc::new(Telemetry::new(&config.telemetry));
+        let mut sources = Sources::default();
         let mut background = Vec::new();
         let mut auth = None;
         let (recorder, recording): (Arc<dyn Recorder>, _) = if config.recording.no_recording {
@@ -34,7 +37,7 @@ impl App {
                 );
             }
             tracing::warn!("recording is off (--no-recording): calls are logged, nothing is written to PostgreSQL");
-            (Arc::new(LogRecorder), None)
+            (Arc::new(NoRecorder), None)
         } else {
             let pg = config.database.pg_config()?;
             if !config.recording.skip_migrations {
@@ -62,6 +65,7 @@ impl App {
                     settings.clone(),
                 ));
                 background.push(authority.watch(pg.clone()).await);
+                sources.auth = Some(authority.clone());
                 auth = Some(authority);
             }
             // Collections Milvus held before the sidecar (or got behind its back) join the
@@ -69,15 +73,18 @@ impl App {
             background.push(crate::sync::spawn(&config, pg.clone()));
             background.push(system_config::watch(pg, settings.clone()));
             background.push(maintenance::spawn(pool.clone(), settings.clone()));
+            sources.pool = Some(pool.clone());
             let recording = Recording::start(pool, settings.clone(), &config.recording)
                 .await
                 .with_context(|| format!("cannot open the spill directory {}", config.recording.spill_dir.display()))?;
+            sources.recording = Some((recording.stats.clone(), recording.recorder.clone()));
             (recording.recorder.clone() as Arc<dyn Recorder>, Some(recording))
         };
+        telemetry.metrics.attach(sources);
         if auth.is_none() {
             tracing::warn!("authentication is OFF (--no-auth): every call is forwarded without checks");
         }
-        let running = start(config, recorder, settings.clone(), auth).await?;
+        let running = start(config, recorder, telemetry, settings.clone(), auth).await?;
         Ok(App { running, settings, recording, background })
     }
 

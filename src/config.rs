@@ -211,6 +211,29 @@ pub struct Config {
 
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// What the sidecar tells its operators: the per-call log and the metrics' labels.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TelemetryArgs {
+    /// Log one line per call at info level (otherwise only failed calls are logged at
+    /// info; successful ones at debug under the `milvus_sidecar::call` target).
+    #[arg(long, env = "MILVUS_SIDECAR_ACCESS_LOG")]
+    pub access_log: bool,
+
+    /// Collections (`db.name`, or `name` in the default database) that get their own
+    /// label in `milvus_sidecar_collection_calls_total`, comma-separated. When empty, the
+    /// first `--metrics-collection-limit` collections called get one.
+    #[arg(long, env = "MILVUS_SIDECAR_METRICS_COLLECTIONS", value_delimiter = ',')]
+    pub metrics_collections: Vec<String>,
+
+    /// Most collections with their own metrics label when no allow-list is given; calls
+    /// on any other collection count under `other`. 0 turns per-collection labels off.
+    #[arg(long, env = "MILVUS_SIDECAR_METRICS_COLLECTION_LIMIT", default_value_t = 20)]
+    pub metrics_collection_limit: usize,
 }
 
 /// Who may call, and how the sidecar presents itself to Milvus.
@@ -304,6 +327,7 @@ impl Config {
                 spill_dir: std::env::temp_dir().join("milvus-sidecar-spill"),
             },
             auth: AuthArgs { no_auth: true, ..AuthArgs::default() },
+            telemetry: TelemetryArgs { metrics_collection_limit: 20, ..TelemetryArgs::default() },
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::record::Recorder;
 use crate::settings::Settings;
+use crate::telemetry::Telemetry;
 
 /// A started sidecar. Dropping it leaves it running; call [`Running::shutdown`] to drain.
 pub struct Running {
@@ -33,6 +34,7 @@ pub struct Running {
 pub async fn start(
     config: Config,
     recorder: Arc<dyn Recorder>,
+    telemetry: Arc<Telemetry>,
     settings: Arc<Settings>,
     auth: Option<Arc<Authority>>,
 ) -> io::Result<Running> {
@@ -41,10 +43,11 @@ pub async fn start(
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let proxy = Proxy::new(&config, recorder, settings, auth);
+    let proxy = Proxy::new(&config, recorder, telemetry.clone(), settings, auth);
     let (shutdown, stop) = watch::channel(false);
     let draining = Arc::new(AtomicBool::new(false));
-    let admin = tokio::spawn(admin::serve(admin_listener, proxy.upstream().clone(), draining.clone(), stop.clone()));
+    let admin =
+        tokio::spawn(admin::serve(admin_listener, proxy.upstream().clone(), telemetry, draining.clone(), stop.clone()));
     let grpc = tokio::spawn(serve_grpc(listener, proxy, stop, config.drain_timeout));
     Ok(Running { listen_addr, admin_addr, shutdown, draining, grpc, admin })
 }

@@ -9,10 +9,10 @@ use bytes::Bytes;
 use common::fake::FakeUpstream;
 use common::pg::TestDb;
 use common::relay::Relay;
-use common::{RawClient, encode};
+use common::{RawClient, encode, http_get};
 use milvus::proto::common::Status as MilvusStatus;
 use milvus::proto::milvus::{
-    CreateCollectionRequest, CreateIndexRequest, InsertRequest, SearchRequest, ShowCollectionsResponse,
+    CreateCollectionRequest, CreateIndexRequest, InsertRequest, SearchRequest, SearchResults, ShowCollectionsResponse,
 };
 use milvus_sidecar::App;
 use milvus_sidecar::config::{AuthArgs, Config, DatabaseArgs};
@@ -37,7 +37,7 @@ mod tempfile_dir {
     }
 }
 
-async fn setup_with(via_relay: bool, tweak: impl FnOnce(&mut AuthArgs)) -> Setup {
+async fn setup_with(via_relay: bool, tweak: impl FnOnce(&mut Config)) -> Setup {
     let db = TestDb::create().await;
     let relay = if via_relay { Some(Relay::start(db.server()).await) } else { None };
     let database_url = db.url_via(relay.as_ref().map(|r| r.addr.to_string()).as_deref());
@@ -52,7 +52,7 @@ async fn setup_with(via_relay: bool, tweak: impl FnOnce(&mut AuthArgs)) -> Setup
     config.recording.no_recording = false;
     config.recording.spill_dir = spill.clone();
     config.auth = AuthArgs::default();
-    tweak(&mut config.auth);
+    tweak(&mut config);
     let app = App::start(config).await.expect("sidecar starts");
     let c = db.client().await;
     // alice: a user with read on default.docs; bob: a disabled user.
@@ -252,9 +252,9 @@ async fn uncached_decisions_fail_closed_when_postgres_is_away() {
 
 #[tokio::test]
 async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
-    let s = setup_with(true, |a| {
-        a.auth_fail_open = true;
-        a.anonymous_user = Some("alice".into());
+    let s = setup_with(true, |c| {
+        c.auth.auth_fail_open = true;
+        c.auth.anonymous_user = Some("alice".into());
     })
     .await;
     // No header at all: treated as alice, with alice's grants.
@@ -305,7 +305,7 @@ async fn two_sidecars_on_one_database_both_follow_a_revocation() {
 
 #[tokio::test]
 async fn a_service_credential_replaces_the_callers_towards_milvus() {
-    let s = setup_with(false, |a| a.upstream_credential = Some("svc:upstream-secret".into())).await;
+    let s = setup_with(false, |c| c.auth.upstream_credential = Some("svc:upstream-secret".into())).await;
     call(&s, "Search", Some("alice:alice-pw"), search("docs")).await.expect("allowed");
     let seen = s.upstream.last("Search").unwrap();
     use base64::Engine;
@@ -320,4 +320,80 @@ async fn a_service_credential_replaces_the_callers_towards_milvus() {
     let expected = base64::engine::general_purpose::STANDARD.encode("alice:alice-pw");
     assert_eq!(seen.headers["authorization"], expected.as_str());
     s.app.shutdown().await;
+}
+
+/// The value of one sample in a Prometheus text scrape (`name{labels}` exactly as
+/// exposed), 0 when the series does not exist yet.
+fn sample(scrape: &str, series: &str) -> f64 {
+    scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_calls_decisions_and_recording() {
+    let s = setup_with(false, |c| c.telemetry.metrics_collection_limit = 1).await;
+    let admin = s.app.running.admin_addr;
+    let alice = Some("alice:alice-pw");
+    s.upstream
+        .reply_with("Search", encode(&SearchResults { status: Some(MilvusStatus::default()), ..Default::default() }));
+    call(&s, "Search", alice, search("docs")).await.unwrap();
+    call(&s, "Search", alice, search("docs")).await.unwrap();
+    call(&s, "Search", alice, search("secret")).await.unwrap_err();
+    call(&s, "Connect", Some("alice:wrong"), Bytes::new()).await.unwrap_err();
+    call(&s, "SomethingFromMilvus9", Some("root:Milvus"), Bytes::new()).await.unwrap();
+    let failing = MilvusStatus { code: 100, reason: "collection not loaded".into(), ..Default::default() };
+    s.upstream.reply_with("Search", encode(&SearchResults { status: Some(failing), ..Default::default() }));
+    call(&s, "Search", alice, search("docs")).await.unwrap();
+
+    // Recording is asynchronous: wait for the writer to have stored the six calls.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let scrape = loop {
+        let (code, scrape) = http_get(admin, "/metrics").await;
+        assert_eq!(code, 200);
+        if sample(&scrape, "milvus_sidecar_recording_rows_written_total") >= 6.0 {
+            break scrape;
+        }
+        assert!(std::time::Instant::now() < deadline, "rows never written:\n{scrape}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let expect = [
+        (r#"milvus_sidecar_calls_total{method="Search",outcome="ok"}"#, 2.0),
+        (r#"milvus_sidecar_calls_total{method="Search",outcome="milvus_error"}"#, 1.0),
+        (r#"milvus_sidecar_calls_total{method="Search",outcome="refused"}"#, 1.0),
+        (r#"milvus_sidecar_calls_total{method="Connect",outcome="refused"}"#, 1.0),
+        // Methods this build does not know share one label, whatever clients send.
+        (r#"milvus_sidecar_calls_total{method="other",outcome="ok"}"#, 1.0),
+        (r#"milvus_sidecar_overhead_seconds_count{method="Search"}"#, 4.0),
+        (r#"milvus_sidecar_upstream_seconds_count{method="Search"}"#, 3.0),
+        // One collection label allowed: the first called keeps it, the rest are `other`.
+        (r#"milvus_sidecar_collection_calls_total{collection="default.docs",outcome="ok"}"#, 2.0),
+        (r#"milvus_sidecar_collection_calls_total{collection="default.docs",outcome="milvus_error"}"#, 1.0),
+        (r#"milvus_sidecar_collection_calls_total{collection="other",outcome="refused"}"#, 1.0),
+        (r#"milvus_sidecar_auth_decisions_total{decision="denied"}"#, 1.0),
+        (r#"milvus_sidecar_auth_decisions_total{decision="unauthenticated"}"#, 1.0),
+        (r#"milvus_sidecar_auth_decisions_total{decision="allowed"}"#, 4.0),
+        // alice's credential is verified once, then served from the cache three times.
+        (r#"milvus_sidecar_auth_cache_lookups_total{cache="credentials",result="hit"}"#, 3.0),
+        ("milvus_sidecar_inflight_calls", 0.0),
+        ("milvus_sidecar_recording_rows_dropped_total", 0.0),
+        ("milvus_sidecar_postgres_up", 1.0),
+        ("milvus_sidecar_upstream_up", 1.0),
+    ];
+    for (series, value) in expect {
+        assert_eq!(sample(&scrape, series), value, "{series} in\n{scrape}");
+    }
+    assert!(!scrape.contains("SomethingFromMilvus9"), "unknown method names never become labels");
+    let (_, ready) = http_get(admin, "/readyz").await;
+    assert!(ready.contains("upstream: ok") && ready.contains("postgres: ok"), "{ready}");
+
+    // PostgreSQL away: still ready (calls are served), and the report says why.
+    let s2 = setup_with(true, |_| {}).await;
+    s2.relay.as_ref().unwrap().cut();
+    let (code, ready) = http_get(s2.app.running.admin_addr, "/readyz").await;
+    assert_eq!(code, 200, "{ready}");
+    assert!(ready.contains("postgres: down"), "{ready}");
+    let (_, scrape) = http_get(s2.app.running.admin_addr, "/metrics").await;
+    assert_eq!(sample(&scrape, "milvus_sidecar_postgres_up"), 0.0);
+    s2.relay.as_ref().unwrap().restore();
+    s.app.shutdown().await;
+    s2.app.shutdown().await;
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::fake::{FAILURE_DETAILS, FakeUpstream};
-use common::{Sidecar, encode, unused_addr};
+use common::{Sidecar, encode, http_get, unused_addr};
 use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
 use milvus::proto::milvus::{InsertRequest, MutationResult, SearchRequest, SearchResults, search_request};
 use milvus::proto::schema::{FieldData, FloatArray, SearchResultData, VectorField, field_data, vector_field};
@@ -354,25 +354,13 @@ async fn readyz_follows_the_upstream() {
     let sidecar = Sidecar::start(addr).await;
     let admin = sidecar.running.admin_addr;
 
-    let (code, text) = get(admin, "/healthz").await;
+    let (code, text) = http_get(admin, "/healthz").await;
     assert_eq!((code, text.as_str()), (200, "ok\n"));
-    let (code, text) = get(admin, "/readyz").await;
+    let (code, text) = http_get(admin, "/readyz").await;
     assert_eq!(code, 503);
     assert!(text.contains(&addr.to_string()), "{text}");
 
     let _upstream = FakeUpstream::start_on(addr).await;
-    let (code, _) = get(admin, "/readyz").await;
+    let (code, _) = http_get(admin, "/readyz").await;
     assert_eq!(code, 200);
-}
-
-/// A minimal HTTP/1.1 GET, enough for the admin endpoints.
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let code = raw[9..12].parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (code, body)
 }

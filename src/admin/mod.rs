@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz` (the process is up) and `/readyz` (the upstream Milvus
-//! answers and the sidecar is not draining), for Kubernetes probes and scripts.
+//! The admin listener, for Kubernetes probes, Prometheus and scripts: `/healthz` (the
+//! process is up), `/readyz` (the upstream Milvus answers and the sidecar is not
+//! draining; PostgreSQL reported beside it) and `/metrics`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::proxy::Upstream;
+use crate::telemetry::Telemetry;
 
 /// How long `/readyz` waits for the upstream before calling it unready.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -22,6 +24,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn serve(
     listener: TcpListener,
     upstream: Upstream,
+    telemetry: Arc<Telemetry>,
     draining: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -37,9 +40,8 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let upstream = upstream.clone();
-        let draining = draining.clone();
-        let service = service_fn(move |req| respond(req, upstream.clone(), draining.clone()));
+        let state = Admin { upstream: upstream.clone(), telemetry: telemetry.clone(), draining: draining.clone() };
+        let service = service_fn(move |req| respond(req, state.clone()));
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
@@ -49,27 +51,66 @@ pub async fn serve(
     }
 }
 
-async fn respond(
-    req: Request<Incoming>,
+#[derive(Clone)]
+struct Admin {
     upstream: Upstream,
+    telemetry: Arc<Telemetry>,
     draining: Arc<AtomicBool>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let (status, text) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => (StatusCode::OK, "ok".to_owned()),
-        (&Method::GET, "/readyz") if draining.load(Ordering::Relaxed) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining for shutdown".to_owned())
+}
+
+async fn respond(req: Request<Incoming>, admin: Admin) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let (status, text, content_type) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_owned(), TEXT),
+        (&Method::GET, "/readyz") => {
+            let (status, text) = readiness(&admin).await;
+            (status, text, TEXT)
         }
-        (&Method::GET, "/readyz") => match upstream.probe(PROBE_TIMEOUT).await {
-            Ok(()) => (StatusCode::OK, format!("ready: upstream Milvus at {} answers", upstream.name())),
-            Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}")),
-        },
-        (_, "/healthz" | "/readyz") => (StatusCode::METHOD_NOT_ALLOWED, "use GET".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "not found: try /healthz or /readyz".to_owned()),
+        (&Method::GET, "/metrics") => (StatusCode::OK, admin.telemetry.metrics.render(&admin.upstream).await, METRICS),
+        (_, "/healthz" | "/readyz" | "/metrics") => (StatusCode::METHOD_NOT_ALLOWED, "use GET\n".to_owned(), TEXT),
+        _ => (StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".to_owned(), TEXT),
     };
-    let mut response = Response::new(Full::new(Bytes::from(text + "\n")));
+    let mut response = Response::new(Full::new(Bytes::from(text)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     Ok(response)
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Ready when not draining and the upstream answers. PostgreSQL is reported on its own
+/// line but does not decide: without it the sidecar still forwards (records spill to disk,
+/// cached permissions keep serving), and taking every replica out of the Service because
+/// PostgreSQL restarts would turn a recording gap into an outage.
+async fn readiness(admin: &Admin) -> (StatusCode, String) {
+    let draining = admin.draining.load(Ordering::Relaxed);
+    let (upstream, postgres) = tokio::join!(admin.upstream.probe(PROBE_TIMEOUT), async {
+        match admin.telemetry.metrics.pool() {
+            Some(pool) => Some(crate::store::probe(&pool, PROBE_TIMEOUT).await),
+            None => None,
+        }
+    });
+    let mut text = String::new();
+    let status = if draining {
+        text.push_str("not ready: draining for shutdown\n");
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if upstream.is_ok() {
+        text.push_str("ready\n");
+        StatusCode::OK
+    } else {
+        text.push_str("not ready: the upstream Milvus does not answer\n");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    match upstream {
+        Ok(()) => text.push_str(&format!("upstream: ok (Milvus at {} answers)\n", admin.upstream.name())),
+        Err(reason) => text.push_str(&format!("upstream: down ({reason})\n")),
+    }
+    match postgres {
+        Some(Ok(())) => text.push_str("postgres: ok\n"),
+        Some(Err(reason)) => {
+            text.push_str(&format!("postgres: down ({reason}); calls are still served, records spill to disk\n"))
+        }
+        None => text.push_str("postgres: not used (--no-recording)\n"),
+    }
+    (status, text)
 }

@@ -54,6 +54,33 @@ impl Grants {
     }
 }
 
+/// What the authority decided and how often its caches answered, for the metrics.
+#[derive(Debug, Default)]
+pub struct AuthStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    pub unauthenticated: AtomicU64,
+    /// PostgreSQL was needed and away (refused, or let through when failing open).
+    pub unavailable: AtomicU64,
+    pub credential_hits: AtomicU64,
+    pub credential_misses: AtomicU64,
+    pub grant_hits: AtomicU64,
+    pub grant_misses: AtomicU64,
+}
+
+impl AuthStats {
+    /// Counts a refusal by its kind (successes are counted where they mean something).
+    fn count<T>(&self, result: &Result<T, AuthError>) {
+        let counter = match result {
+            Ok(_) => return,
+            Err(AuthError::Unauthenticated(_)) => &self.unauthenticated,
+            Err(AuthError::PermissionDenied(_)) => &self.denied,
+            Err(AuthError::Unavailable(_)) => &self.unavailable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 struct Cache {
     credentials: HashMap<[u8; 32], (Arc<Principal>, Instant)>,
@@ -90,6 +117,7 @@ pub struct Authority {
     /// cache so that an invalidation before the writer stored the creator's grant does
     /// not take it away (user id, database, collection, when).
     created: Mutex<Vec<(Uuid, String, String, Instant)>>,
+    pub stats: AuthStats,
 }
 
 /// How long a creation seen here stands in for the grant the writer stores; far longer
@@ -113,6 +141,7 @@ impl Authority {
             cache: RwLock::default(),
             generation: AtomicU64::new(0),
             created: Mutex::default(),
+            stats: AuthStats::default(),
         }
     }
 
@@ -124,6 +153,12 @@ impl Authority {
 
     /// Checks the caller's credential.
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Principal>, AuthError> {
+        let result = self.verify(headers).await;
+        self.stats.count(&result);
+        result
+    }
+
+    async fn verify(&self, headers: &HeaderMap) -> Result<Arc<Principal>, AuthError> {
         let header = headers.get(http::header::AUTHORIZATION);
         let anonymous = self.config.anonymous_user.as_deref();
         let cache_key = match (header, anonymous) {
@@ -135,8 +170,10 @@ impl Authority {
         if let Some((principal, at)) = &cached
             && at.elapsed() < self.config.credential_ttl
         {
+            self.stats.credential_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(principal.clone());
         }
+        self.stats.credential_misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::SeqCst);
         let loaded = match (header.is_some(), anonymous) {
             (false, Some(user)) => self.load_user(user, None).await,
@@ -191,8 +228,10 @@ impl Authority {
     /// The caller's grants (one query on a miss, then cached).
     pub async fn grants(&self, principal: &Principal) -> Result<Arc<Grants>, AuthError> {
         if let Some(grants) = self.cache.read().unwrap().grants.get(&principal.id) {
+            self.stats.grant_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(grants.clone());
         }
+        self.stats.grant_misses.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::SeqCst);
         let rows = self
             .query(
@@ -248,6 +287,20 @@ impl Authority {
         rule: Option<MethodRule>,
         targets: &[(String, String)],
     ) -> Result<(), AuthError> {
+        let result = self.decide(principal, rule, targets).await;
+        if result.is_ok() {
+            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.count(&result);
+        result
+    }
+
+    async fn decide(
+        &self,
+        principal: &Principal,
+        rule: Option<MethodRule>,
+        targets: &[(String, String)],
+    ) -> Result<(), AuthError> {
         let deny = |privilege: &str, on: Option<&(String, String)>| {
             let mut msg = format!("{privilege}: permission deny to {}", principal.name);
             if let Some((db, c)) = on {
@@ -276,7 +329,10 @@ impl Authority {
                 }
                 let grants = match self.grants(principal).await {
                     Ok(grants) => grants,
-                    Err(AuthError::Unavailable(_)) if self.config.fail_open => return Ok(()),
+                    Err(AuthError::Unavailable(_)) if self.config.fail_open => {
+                        self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
                     Err(e) => return Err(e),
                 };
                 for target in targets {

@@ -35,6 +35,7 @@ use crate::milvus::access::{self, Access, MethodRule};
 use crate::milvus::{Rpc, views, wire};
 use crate::record::Recorder;
 use crate::settings::Settings;
+use crate::telemetry::Telemetry;
 
 /// Headers Milvus trusts only from its own cluster members (`sourceid` lets a caller skip
 /// authentication). No client may send them through the sidecar.
@@ -48,6 +49,7 @@ pub struct Proxy {
 struct Shared {
     upstream: Upstream,
     recorder: Arc<dyn Recorder>,
+    telemetry: Arc<Telemetry>,
     settings: Arc<Settings>,
     /// None: every call is let through unauthenticated (`--no-auth`).
     auth: Option<Arc<Authority>>,
@@ -58,12 +60,14 @@ impl Proxy {
     pub fn new(
         config: &Config,
         recorder: Arc<dyn Recorder>,
+        telemetry: Arc<Telemetry>,
         settings: Arc<Settings>,
         auth: Option<Arc<Authority>>,
     ) -> Self {
         let shared = Shared {
             upstream: Upstream::new(config),
             recorder,
+            telemetry,
             settings,
             auth,
             max_message_bytes: config.max_message_bytes,
@@ -206,6 +210,7 @@ impl Shared {
             call.on_created = Some(CreatedHook { authority: (*auth).clone(), principal: principal.clone() });
         }
         let deadline = self.deadline(rpc, &mut parts.headers);
+        call.forwarded_at = Some(Instant::now());
         let reply = match self.upstream.send(Request::from_parts(parts, body), deadline).await {
             Ok(reply) => reply,
             Err(failure) => return answer_ourselves(call, failure),
@@ -299,6 +304,7 @@ impl Shared {
         let database =
             headers.get("dbname").and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).unwrap_or(DEFAULT_DATABASE);
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        self.telemetry.call_started();
         InFlight {
             facts: CallFacts {
                 id: uuid::Uuid::now_v7(),
@@ -320,6 +326,9 @@ impl Shared {
             },
             started,
             recorder: self.recorder.clone(),
+            telemetry: self.telemetry.clone(),
+            forwarded_at: None,
+            upstream_done: None,
             finished: false,
             reply: None,
             on_created: None,

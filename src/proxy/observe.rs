@@ -21,6 +21,7 @@ use crate::auth::authority::{Authority, Principal};
 use crate::facts::{CallFacts, Outcome};
 use crate::milvus::{Reply, views};
 use crate::record::Recorder;
+use crate::telemetry::Telemetry;
 
 /// A call whose facts will be recorded exactly once, when this is dropped.
 pub struct Pending(Option<Box<InFlight>>);
@@ -29,6 +30,11 @@ pub struct InFlight {
     pub facts: CallFacts,
     pub started: Instant,
     pub recorder: Arc<dyn Recorder>,
+    pub telemetry: Arc<Telemetry>,
+    /// When the call went upstream (None: the sidecar answered it itself), and when the
+    /// upstream's reply ended.
+    pub forwarded_at: Option<Instant>,
+    pub upstream_done: Option<Instant>,
     /// Set once a gRPC status was seen; a call dropped without one was cancelled.
     pub finished: bool,
     /// How to read the reply, for inspected calls.
@@ -63,8 +69,7 @@ impl Pending {
     /// Ends the call now with `outcome` (for replies the sidecar composes itself).
     pub fn finish(mut self, outcome: Outcome) {
         if let Some(call) = self.0.as_mut() {
-            call.facts.outcome = outcome;
-            call.finished = true;
+            call.end_with(outcome);
         }
     }
 
@@ -118,6 +123,9 @@ impl InFlight {
     fn end_with(&mut self, outcome: Outcome) {
         self.facts.outcome = outcome;
         self.finished = true;
+        if self.forwarded_at.is_some() {
+            self.upstream_done = Some(Instant::now());
+        }
     }
 
     /// Reads the gathered reply once the call's gRPC status is known, and acts on it.
@@ -145,7 +153,10 @@ impl InFlight {
         if let Some(seen) = &self.request_seen {
             self.facts.request_bytes = seen.load(std::sync::atomic::Ordering::Relaxed);
         }
-        self.facts.duration = self.started.elapsed();
+        let now = Instant::now();
+        self.facts.duration = now - self.started;
+        let upstream = self.forwarded_at.map(|at| self.upstream_done.unwrap_or(now).saturating_duration_since(at));
+        self.telemetry.call_ended(&self.facts, upstream);
         self.recorder.record(self.facts);
     }
 

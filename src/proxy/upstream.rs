@@ -2,6 +2,7 @@
 //! reconnects by itself when Milvus comes back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -34,7 +35,13 @@ pub struct Upstream {
     timeout: Option<Duration>,
     /// Sent as `authorization` instead of the caller's, for a Milvus that checks its own.
     credential: Option<http::HeaderValue>,
+    /// Whether the last call reached Milvus: [`UNKNOWN`], [`UP`] or [`DOWN`].
+    state: Arc<AtomicU8>,
 }
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 impl Upstream {
     pub fn new(config: &Config) -> Self {
@@ -61,6 +68,16 @@ impl Upstream {
             name: Arc::from(uri.to_string().trim_end_matches('/')),
             timeout: config.upstream_timeout,
             credential: config.auth.upstream_credential_header(),
+            state: Arc::new(AtomicU8::new(UNKNOWN)),
+        }
+    }
+
+    /// Whether the last call sent reached Milvus; None before the first.
+    pub fn reachable(&self) -> Option<bool> {
+        match self.state.load(Ordering::Relaxed) {
+            UP => Some(true),
+            DOWN => Some(false),
+            _ => None,
         }
     }
 
@@ -98,6 +115,11 @@ impl Upstream {
                 })?,
                 None => call.await,
             };
+        let state = if reply.is_ok() { UP } else { DOWN };
+        // A store per call would bounce the cache line between cores for nothing.
+        if self.state.load(Ordering::Relaxed) != state {
+            self.state.store(state, Ordering::Relaxed);
+        }
         reply.map_err(|e| ProxyError::UpstreamUnavailable {
             upstream: self.name.clone(),
             reason: crate::error_chain(&e),

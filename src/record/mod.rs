@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::RecordingArgs;
-use crate::facts::{CallFacts, ReplyDetail, RequestDetail};
+use crate::facts::CallFacts;
 use crate::settings::Settings;
 use crate::store::Pool;
 use crate::store::mirror::Catalog;
@@ -22,7 +22,7 @@ pub trait Recorder: Send + Sync + 'static {
 }
 
 /// What the recording pipeline did, for metrics and tests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub rows_written: AtomicU64,
     pub batches_written: AtomicU64,
@@ -31,6 +31,28 @@ pub struct Stats {
     pub records_rejected: AtomicU64,
     /// Lost: the queue was full, or the spill file could not be written. Should stay 0.
     pub records_dropped: AtomicU64,
+    /// Rows per batch written to PostgreSQL (exported as is by the metrics).
+    pub batch_rows: prometheus::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let buckets = vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0];
+        let opts = prometheus::HistogramOpts::new(
+            "milvus_sidecar_recording_batch_rows",
+            "Rows per batch the writer put into PostgreSQL",
+        )
+        .buckets(buckets);
+        Stats {
+            rows_written: AtomicU64::default(),
+            batches_written: AtomicU64::default(),
+            records_spilled: AtomicU64::default(),
+            records_replayed: AtomicU64::default(),
+            records_rejected: AtomicU64::default(),
+            records_dropped: AtomicU64::default(),
+            batch_rows: prometheus::Histogram::with_opts(opts).expect("static histogram options are valid"),
+        }
+    }
 }
 
 /// Logs each call and queues it for the PostgreSQL writer.
@@ -75,9 +97,15 @@ impl Recording {
     }
 }
 
+impl PgRecorder {
+    /// Records queued and not yet taken by the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
 impl Recorder for PgRecorder {
     fn record(&self, facts: CallFacts) {
-        log_call(&facts);
         if let Err(e) = self.queue.try_send(facts) {
             let dropped = self.stats.records_dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // Once per 10 000 so that a stuck writer cannot flood the log as well.
@@ -88,64 +116,10 @@ impl Recorder for PgRecorder {
     }
 }
 
-/// Writes one tracing event per call under the `milvus_sidecar::call` target: failures at
-/// info (warn when the sidecar or upstream failed), successes at debug.
+/// Records nothing (`--no-recording`): the call log is all there is.
 #[derive(Debug, Default)]
-pub struct LogRecorder;
+pub struct NoRecorder;
 
-impl Recorder for LogRecorder {
-    fn record(&self, f: CallFacts) {
-        log_call(&f);
-    }
-}
-
-fn log_call(f: &CallFacts) {
-    {
-        use tonic::Code;
-        let (nq, top_k, rows) = match &f.request.detail {
-            RequestDetail::Search(s) => (Some(s.nq), s.top_k, None),
-            RequestDetail::Insert { rows } => (None, None, Some(*rows)),
-            _ => (None, None, None),
-        };
-        let (hits, acked) = match f.reply {
-            ReplyDetail::Search { hits, .. } => (Some(hits), None),
-            ReplyDetail::Mutation { inserted, deleted, upserted } => (None, Some(inserted + deleted + upserted)),
-            ReplyDetail::Rows(rows) => (Some(rows), None),
-            ReplyDetail::None | ReplyDetail::Indexes(_) => (None, None),
-        };
-        macro_rules! event {
-            ($level:expr) => {
-                tracing::event!(
-                    target: "milvus_sidecar::call",
-                    $level,
-                    id = %f.id,
-                    method = f.method.name(),
-                    database = %f.database,
-                    collection = f.request.collection.as_deref(),
-                    partitions = ?f.request.partitions,
-                    nq,
-                    top_k,
-                    rows,
-                    hits,
-                    acked,
-                    grpc = ?f.outcome.grpc,
-                    milvus_code = f.outcome.milvus_code,
-                    error = f.outcome.message.as_deref(),
-                    request_bytes = f.request_bytes,
-                    reply_bytes = f.reply_bytes,
-                    duration_us = f.duration.as_micros() as u64,
-                    peer = ?f.client.peer,
-                    user = f.client.user.as_deref(),
-                    "call"
-                )
-            };
-        }
-        match f.outcome.grpc {
-            Code::Ok if f.outcome.is_success() => event!(tracing::Level::DEBUG),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown => {
-                event!(tracing::Level::WARN)
-            }
-            _ => event!(tracing::Level::INFO),
-        }
-    }
+impl Recorder for NoRecorder {
+    fn record(&self, _: CallFacts) {}
 }

@@ -131,6 +131,7 @@ impl Writer {
             Ok(rows) => {
                 self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
                 self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
+                self.stats.batch_rows.observe(rows as f64);
                 pending.clear();
             }
             Err(WriteError::Transient(reason)) => {

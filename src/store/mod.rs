@@ -48,3 +48,13 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
         None => true,
     }
 }
+
+/// Whether PostgreSQL answers within `within`, for `/readyz` and the metrics.
+pub async fn probe(pool: &Pool, within: Duration) -> Result<(), String> {
+    let check = async {
+        let conn = pool.get().await.map_err(|e| e.to_string())?;
+        conn.simple_query("SELECT 1").await.map_err(|e| crate::error_chain(&e))?;
+        Ok(())
+    };
+    tokio::time::timeout(within, check).await.map_err(|_| format!("no answer within {within:?}"))?
+}

@@ -72,8 +72,10 @@ impl Sidecar {
         config.drain_timeout = Duration::from_secs(5);
         tweak(&mut config);
         let captured = Arc::new(Captured::default());
-        let running =
-            milvus_sidecar::start(config, captured.clone(), Default::default(), None).await.expect("sidecar starts");
+        let telemetry = Arc::new(milvus_sidecar::telemetry::Telemetry::new(&config.telemetry));
+        let running = milvus_sidecar::start(config, captured.clone(), telemetry, Default::default(), None)
+            .await
+            .expect("sidecar starts");
         Sidecar { running, captured }
     }
 
@@ -229,4 +231,16 @@ pub fn milvus_proto_dir() -> std::path::PathBuf {
         .and_then(|p| p["manifest_path"].as_str())
         .expect("milvus-sdk-rust is a dev-dependency");
     std::path::Path::new(manifest).parent().unwrap().join("milvus-proto/proto")
+}
+
+/// A minimal HTTP/1.1 GET, enough for the admin endpoints.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let code = raw[9..12].parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
 }

@@ -1,0 +1,395 @@
+//! Prometheus metrics. Per-call series are updated with atomics only: each known method's
+//! counters and histograms are looked up once and kept, so a call costs a hash of its
+//! method name and a few atomic adds. Everything else (recording, permissions cache,
+//! PostgreSQL pool, upstream) is read from where it is already counted when scraped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::auth::authority::Authority;
+use crate::config::TelemetryArgs;
+use crate::facts::CallFacts;
+use crate::milvus::access;
+use crate::proxy::Upstream;
+use crate::record::{PgRecorder, Stats};
+use crate::store::Pool;
+
+/// How a call ended, as the `outcome` label says it.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Ok = 0,
+    /// gRPC OK, but Milvus reported a failure in the reply.
+    MilvusError = 1,
+    /// A non-OK gRPC status from Milvus, or the upstream could not be reached.
+    GrpcError = 2,
+    /// The sidecar answered without forwarding: authentication, permission, bad input.
+    Refused = 3,
+}
+
+const OUTCOMES: [&str; 4] = ["ok", "milvus_error", "grpc_error", "refused"];
+
+impl Outcome {
+    fn of(facts: &CallFacts, forwarded: bool) -> Self {
+        match (forwarded, facts.outcome.grpc, facts.outcome.milvus_code) {
+            (false, ..) => Outcome::Refused,
+            (true, tonic::Code::Ok, 0) => Outcome::Ok,
+            (true, tonic::Code::Ok, _) => Outcome::MilvusError,
+            (true, ..) => Outcome::GrpcError,
+        }
+    }
+}
+
+/// One method's series, resolved once.
+struct MethodSeries {
+    calls: [IntCounter; 4],
+    overhead: Histogram,
+    upstream: Histogram,
+}
+
+/// Where scraped values come from; attached as the parts start.
+#[derive(Default)]
+pub struct Sources {
+    pub recording: Option<(Arc<Stats>, Arc<PgRecorder>)>,
+    pub pool: Option<Pool>,
+    pub auth: Option<Arc<Authority>>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Index of each known method's slot in `methods`; unknown methods share the last.
+    method_index: HashMap<&'static str, usize>,
+    methods: Box<[OnceLock<MethodSeries>]>,
+    calls: IntCounterVec,
+    overhead: HistogramVec,
+    upstream: HistogramVec,
+    pub(super) inflight: IntGauge,
+    collections: Collections,
+    pulled: Pulled,
+    sources: Mutex<Sources>,
+}
+
+/// Series whose values are read from elsewhere at scrape time.
+struct Pulled {
+    auth_decisions: IntCounterVec,
+    auth_cache: IntCounterVec,
+    queue_depth: IntGauge,
+    rows_written: IntCounter,
+    rows_spilled: IntCounter,
+    rows_replayed: IntCounter,
+    rows_rejected: IntCounter,
+    rows_dropped: IntCounter,
+    pool_connections: IntGaugeVec,
+    postgres_up: IntGauge,
+    upstream_up: IntGauge,
+}
+
+/// Latency buckets from 20 µs to 10 s: the sidecar's own time sits at the low end,
+/// Milvus's anywhere.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Label of the calls on methods this build does not know, and on collections without a
+/// label of their own: bounded, whatever clients send.
+const OTHER: &str = "other";
+
+/// How long a scrape waits for PostgreSQL or the upstream before reporting it down.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Metrics {
+    pub fn new(args: &TelemetryArgs) -> Self {
+        let registry = Registry::new();
+        let calls = IntCounterVec::new(
+            Opts::new("milvus_sidecar_calls_total", "Calls by method and outcome"),
+            &["method", "outcome"],
+        )
+        .expect("valid metric");
+        let histogram = |name: &str, help: &str| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &["method"])
+                .expect("valid metric")
+        };
+        let overhead = histogram(
+            "milvus_sidecar_overhead_seconds",
+            "Time a call spent in the sidecar itself (its whole duration minus the upstream's)",
+        );
+        let upstream = histogram(
+            "milvus_sidecar_upstream_seconds",
+            "Time a forwarded call spent waiting on the upstream Milvus, until its reply ended",
+        );
+        let inflight = IntGauge::new("milvus_sidecar_inflight_calls", "Calls in progress").expect("valid metric");
+        let collections = Collections::new(args);
+        let pulled = Pulled::new();
+        let build_info = IntGaugeVec::new(Opts::new("milvus_sidecar_build_info", "The running build"), &["version"])
+            .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(build_info),
+            Box::new(calls.clone()),
+            Box::new(overhead.clone()),
+            Box::new(upstream.clone()),
+            Box::new(inflight.clone()),
+            Box::new(collections.calls.clone()),
+            Box::new(pulled.auth_decisions.clone()),
+            Box::new(pulled.auth_cache.clone()),
+            Box::new(pulled.queue_depth.clone()),
+            Box::new(pulled.rows_written.clone()),
+            Box::new(pulled.rows_spilled.clone()),
+            Box::new(pulled.rows_replayed.clone()),
+            Box::new(pulled.rows_rejected.clone()),
+            Box::new(pulled.rows_dropped.clone()),
+            Box::new(pulled.pool_connections.clone()),
+            Box::new(pulled.postgres_up.clone()),
+            Box::new(pulled.upstream_up.clone()),
+        ];
+        for collector in collectors {
+            registry.register(collector).expect("metric names are unique");
+        }
+        let method_index = access::KNOWN.iter().enumerate().map(|(i, name)| (*name, i)).collect();
+        let methods = (0..=access::KNOWN.len()).map(|_| OnceLock::new()).collect();
+        Metrics {
+            registry,
+            method_index,
+            methods,
+            calls,
+            overhead,
+            upstream,
+            inflight,
+            collections,
+            pulled,
+            sources: Mutex::default(),
+        }
+    }
+
+    /// Lets the scrape read the recording pipeline, the pool and the permission caches.
+    pub fn attach(&self, sources: Sources) {
+        if let Some((stats, _)) = &sources.recording {
+            // The writer observes its batch sizes itself; the registry only shows them.
+            let _ = self.registry.register(Box::new(stats.batch_rows.clone()));
+        }
+        *self.sources.lock().unwrap() = sources;
+    }
+
+    pub(super) fn observe_call(&self, facts: &CallFacts, upstream: Option<Duration>) {
+        let outcome = Outcome::of(facts, upstream.is_some());
+        let series = self.series(facts.method.name());
+        series.calls[outcome as usize].inc();
+        let upstream = upstream.unwrap_or_default();
+        series.overhead.observe(facts.duration.saturating_sub(upstream).as_secs_f64());
+        if !matches!(outcome, Outcome::Refused) {
+            series.upstream.observe(upstream.as_secs_f64());
+        }
+        if let Some(collection) = &facts.request.collection {
+            self.collections.count(&facts.database, collection, outcome);
+        }
+    }
+
+    fn series(&self, method: &str) -> &MethodSeries {
+        let (slot, label) = match self.method_index.get_key_value(method) {
+            Some((name, i)) => (*i, *name),
+            None => (self.methods.len() - 1, OTHER),
+        };
+        self.methods[slot].get_or_init(|| MethodSeries {
+            calls: OUTCOMES.map(|outcome| self.calls.with_label_values(&[label, outcome])),
+            overhead: self.overhead.with_label_values(&[label]),
+            upstream: self.upstream.with_label_values(&[label]),
+        })
+    }
+
+    /// The Prometheus text exposition of every metric, read fresh.
+    pub async fn render(&self, upstream: &Upstream) -> String {
+        let pool = self.pull();
+        let p = &self.pulled;
+        if let Some(pool) = pool {
+            let up = crate::store::probe(&pool, PROBE_TIMEOUT).await.is_ok();
+            p.postgres_up.set(i64::from(up));
+        }
+        let upstream_up = match upstream.reachable() {
+            Some(up) => up,
+            None => upstream.probe(PROBE_TIMEOUT).await.is_ok(),
+        };
+        p.upstream_up.set(i64::from(upstream_up));
+
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding into memory");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+
+    /// The PostgreSQL pool, when the sidecar uses one.
+    pub fn pool(&self) -> Option<Pool> {
+        self.sources.lock().unwrap().pool.clone()
+    }
+
+    /// Copies what is counted elsewhere into the registry; returns the pool to probe.
+    fn pull(&self) -> Option<Pool> {
+        // Held throughout, so that two scrapes at once cannot both add the same difference.
+        let sources = self.sources.lock().unwrap();
+        let p = &self.pulled;
+        if let Some((stats, recorder)) = &sources.recording {
+            set_counter(&p.rows_written, stats.rows_written.load(Ordering::Relaxed));
+            set_counter(&p.rows_spilled, stats.records_spilled.load(Ordering::Relaxed));
+            set_counter(&p.rows_replayed, stats.records_replayed.load(Ordering::Relaxed));
+            set_counter(&p.rows_rejected, stats.records_rejected.load(Ordering::Relaxed));
+            set_counter(&p.rows_dropped, stats.records_dropped.load(Ordering::Relaxed));
+            p.queue_depth.set(recorder.queue_depth() as i64);
+        }
+        if let Some(auth) = &sources.auth {
+            let s = &auth.stats;
+            for (decision, counter) in [
+                ("allowed", &s.allowed),
+                ("denied", &s.denied),
+                ("unauthenticated", &s.unauthenticated),
+                ("unavailable", &s.unavailable),
+            ] {
+                set_counter(&p.auth_decisions.with_label_values(&[decision]), counter.load(Ordering::Relaxed));
+            }
+            for (cache, result, counter) in [
+                ("credentials", "hit", &s.credential_hits),
+                ("credentials", "miss", &s.credential_misses),
+                ("grants", "hit", &s.grant_hits),
+                ("grants", "miss", &s.grant_misses),
+            ] {
+                set_counter(&p.auth_cache.with_label_values(&[cache, result]), counter.load(Ordering::Relaxed));
+            }
+        }
+        if let Some(pool) = &sources.pool {
+            let state = pool.state();
+            let idle = i64::from(state.idle_connections);
+            p.pool_connections.with_label_values(&["idle"]).set(idle);
+            p.pool_connections.with_label_values(&["in_use"]).set(i64::from(state.connections) - idle);
+        }
+        sources.pool.clone()
+    }
+}
+
+/// Moves a counter up to `value`, counted elsewhere.
+fn set_counter(counter: &IntCounter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
+}
+
+impl Pulled {
+    fn new() -> Self {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        Pulled {
+            auth_decisions: IntCounterVec::new(
+                Opts::new(
+                    "milvus_sidecar_auth_decisions_total",
+                    "Authentication and permission decisions (unavailable: PostgreSQL was needed and away)",
+                ),
+                &["decision"],
+            )
+            .expect("valid metric"),
+            auth_cache: IntCounterVec::new(
+                Opts::new("milvus_sidecar_auth_cache_lookups_total", "Credential and grant cache lookups"),
+                &["cache", "result"],
+            )
+            .expect("valid metric"),
+            queue_depth: gauge("milvus_sidecar_recording_queue_depth", "Call records waiting for the writer"),
+            rows_written: counter("milvus_sidecar_recording_rows_written_total", "Rows written to PostgreSQL"),
+            rows_spilled: counter(
+                "milvus_sidecar_recording_rows_spilled_total",
+                "Call records written to the spill file while PostgreSQL was away or behind",
+            ),
+            rows_replayed: counter(
+                "milvus_sidecar_recording_rows_replayed_total",
+                "Spilled call records replayed into PostgreSQL",
+            ),
+            rows_rejected: counter(
+                "milvus_sidecar_recording_rows_rejected_total",
+                "Call records PostgreSQL refused for their content (kept in rejected.jsonl)",
+            ),
+            rows_dropped: counter(
+                "milvus_sidecar_recording_rows_dropped_total",
+                "Call records lost (queue full or spill file unwritable); should stay 0",
+            ),
+            pool_connections: IntGaugeVec::new(
+                Opts::new("milvus_sidecar_postgres_pool_connections", "PostgreSQL pool connections by state"),
+                &["state"],
+            )
+            .expect("valid metric"),
+            postgres_up: gauge("milvus_sidecar_postgres_up", "Whether PostgreSQL answered at the last scrape"),
+            upstream_up: gauge("milvus_sidecar_upstream_up", "Whether the last call reached the upstream Milvus"),
+        }
+    }
+}
+
+/// Calls per collection, for a bounded set of collections: the allow-list, or else the
+/// first `limit` collections called. Every other collection counts under `other`.
+struct Collections {
+    calls: IntCounterVec,
+    /// database -> collections with a label of their own.
+    allow: Option<HashMap<String, HashSet<String>>>,
+    limit: usize,
+    /// database -> collection -> counters per outcome.
+    labelled: RwLock<HashMap<String, HashMap<String, [IntCounter; 4]>>>,
+    other: [IntCounter; 4],
+}
+
+impl Collections {
+    fn new(args: &TelemetryArgs) -> Self {
+        let calls = IntCounterVec::new(
+            Opts::new(
+                "milvus_sidecar_collection_calls_total",
+                "Calls by collection (`db.name`; `other` beyond the allow-list or limit) and outcome",
+            ),
+            &["collection", "outcome"],
+        )
+        .expect("valid metric");
+        let allow = (!args.metrics_collections.is_empty()).then(|| {
+            let mut allow: HashMap<String, HashSet<String>> = HashMap::new();
+            for c in &args.metrics_collections {
+                let (db, name) = c.split_once('.').unwrap_or((crate::facts::DEFAULT_DATABASE, c));
+                allow.entry(db.to_owned()).or_default().insert(name.to_owned());
+            }
+            allow
+        });
+        let other = OUTCOMES.map(|outcome| calls.with_label_values(&[OTHER, outcome]));
+        Collections { calls, allow, limit: args.metrics_collection_limit, labelled: RwLock::default(), other }
+    }
+
+    fn count(&self, database: &str, collection: &str, outcome: Outcome) {
+        let i = outcome as usize;
+        {
+            let labelled = self.labelled.read().unwrap();
+            if let Some(counters) = labelled.get(database).and_then(|c| c.get(collection)) {
+                counters[i].inc();
+                return;
+            }
+            if !self.has_room(&labelled, database, collection) {
+                self.other[i].inc();
+                return;
+            }
+        }
+        let mut labelled = self.labelled.write().unwrap();
+        // Another call may have taken the last place meanwhile.
+        let known = labelled.get(database).is_some_and(|c| c.contains_key(collection));
+        if !known && !self.has_room(&labelled, database, collection) {
+            self.other[i].inc();
+            return;
+        }
+        let label = format!("{database}.{collection}");
+        let counters = labelled
+            .entry(database.to_owned())
+            .or_default()
+            .entry(collection.to_owned())
+            .or_insert_with(|| OUTCOMES.map(|outcome| self.calls.with_label_values(&[label.as_str(), outcome])));
+        counters[i].inc();
+    }
+
+    fn has_room(&self, labelled: &HashMap<String, HashMap<String, [IntCounter; 4]>>, db: &str, name: &str) -> bool {
+        match &self.allow {
+            Some(allow) => allow.get(db).is_some_and(|names| names.contains(name)),
+            None => labelled.values().map(HashMap::len).sum::<usize>() < self.limit,
+        }
+    }
+}
