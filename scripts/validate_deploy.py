@@ -15,7 +15,8 @@ What it checks (each line of output says which it did):
      and the wiring: the partial milvus-proxy Deployment merged into a stand-in proxy
      Deployment (deploy/k8s/testdata) and validated whole, replicas, Services' selectors and
      target ports, the ServiceMonitor's Service, probes, secrets referenced;
-  5. the dashboard JSON parses, uses the ${DS_PROMETHEUS} input, and names only exported metrics.
+  5. the dashboard JSON parses, uses the ${DS_PROMETHEUS} input, its queries parse as PromQL
+     (promql-parser), and it names only exported metrics.
 
 Exits 1 with every problem listed when anything fails.
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import promql_parser
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -378,17 +380,17 @@ def validate_overlays(kustomize: list[str], versions: list[str], checks: Checks)
 # ---------------------------------------------------------------------------- dashboard
 
 
-def validate_dashboard(checks: Checks) -> dict | None:
-    print(f"\n==> dashboard {DASHBOARD.relative_to(REPO)}")
+def validate_dashboard(path: Path, checks: Checks) -> dict | None:
+    print(f"\n==> dashboard {path}")
     try:
-        dash = json.loads(DASHBOARD.read_text())
+        dash = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        checks.fail(f"{DASHBOARD.name}: does not parse as JSON: {e}")
+        checks.fail(f"{path.name}: does not parse as JSON: {e}")
         return None
-    checks.ok(f"{DASHBOARD.name}: parses as JSON ({len(dash.get('panels', []))} top-level panels)")
+    checks.ok(f"{path.name}: parses as JSON ({len(dash.get('panels', []))} top-level panels)")
     inputs = {i.get("name"): i for i in dash.get("__inputs", [])}
     checks.expect(inputs.get("DS_PROMETHEUS", {}).get("pluginId") == "prometheus",
-                  f"{DASHBOARD.name}: __inputs declares DS_PROMETHEUS (a Prometheus datasource)")
+                  f"{path.name}: __inputs declares DS_PROMETHEUS (a Prometheus datasource)")
 
     panels = []
 
@@ -406,24 +408,39 @@ def validate_dashboard(checks: Checks) -> dict | None:
             ds = holder.get("datasource")
             if ds is not None and (not isinstance(ds, dict) or ds.get("uid") != "${DS_PROMETHEUS}"):
                 bad_ds.append(p.get("title"))
-    checks.expect(not bad_ds, f"{DASHBOARD.name}: every panel and target uses datasource ${{DS_PROMETHEUS}}"
+    checks.expect(not bad_ds, f"{path.name}: every panel and target uses datasource ${{DS_PROMETHEUS}}"
                   + (f" (not: {sorted(set(bad_ds))})" if bad_ds else ""))
     no_expr = [p.get("title") for p in panels if p.get("type") != "row" and not any(t.get("expr") for t in p.get("targets", []))]
-    checks.expect(not no_expr, f"{DASHBOARD.name}: every panel has a query" + (f" (not: {no_expr})" if no_expr else ""))
+    checks.expect(not no_expr, f"{path.name}: every panel has a query" + (f" (not: {no_expr})" if no_expr else ""))
     ids = [p.get("id") for p in panels]
-    checks.expect(len(ids) == len(set(ids)), f"{DASHBOARD.name}: panel ids are unique")
+    checks.expect(len(ids) == len(set(ids)), f"{path.name}: panel ids are unique")
+
+    # Every query parses as PromQL once Grafana's variables are given values.
+    grafana_vars = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$instance": ".*", "$method": ".*"}
+    bad_promql = []
+    queries = [q for q in dashboard_metrics._strings_with_promql(dash) if not q.startswith("label_values(")]
+    for query in queries:
+        text = query
+        for var, value in grafana_vars.items():
+            text = text.replace(var, value)
+        try:
+            promql_parser.parse(text)
+        except Exception as e:  # the parser raises plain exceptions
+            bad_promql.append(f"{query!r}: {e}")
+    checks.expect(not bad_promql, f"{path.name}: all {len(queries)} queries parse as PromQL (promql-parser)"
+                  + ("".join(f"\n        {b}" for b in bad_promql)))
 
     series = dashboard_metrics.series_names(dash)
     unknown = sorted(s for s in series if dashboard_metrics.family_name(s) not in EXPORTED_METRICS)
-    checks.expect(not unknown, f"{DASHBOARD.name}: names only exported metrics ({len(series)} series used)"
+    checks.expect(not unknown, f"{path.name}: names only exported metrics ({len(series)} series used)"
                   + (f"; unknown: {unknown}" if unknown else ""))
     suffixed = sorted(s for s in series if dashboard_metrics.family_name(s) != s
                       and dashboard_metrics.family_name(s) not in HISTOGRAMS)
-    checks.expect(not suffixed, f"{DASHBOARD.name}: _bucket/_sum/_count only on histograms"
+    checks.expect(not suffixed, f"{path.name}: _bucket/_sum/_count only on histograms"
                   + (f" (not: {suffixed})" if suffixed else ""))
     unused = sorted(EXPORTED_METRICS - dashboard_metrics.family_names(dash))
     if unused:
-        checks.note(f"{DASHBOARD.name}: exported but not shown: {unused}")
+        checks.note(f"{path.name}: exported but not shown: {unused}")
     return dash
 
 
@@ -435,7 +452,9 @@ def main() -> int:
     ap.add_argument("--kustomize", help="render command, e.g. '.venv/bin/kubectl kustomize' (none: raw files only)")
     ap.add_argument("--k8s-versions", default=os.environ.get("K8S_VERSIONS", "1.30.0,1.37.0"),
                     help="Kubernetes versions to validate against (comma-separated; default 1.30.0,1.37.0)")
+    ap.add_argument("--dashboard", default=str(DASHBOARD.relative_to(REPO)), help="the Grafana dashboard JSON")
     args = ap.parse_args()
+    os.chdir(REPO)
     versions = [v.strip() for v in args.k8s_versions.split(",") if v.strip()]
     checks = Checks()
 
@@ -445,7 +464,7 @@ def main() -> int:
     else:
         print("\n==> overlays NOT RENDERED: no kustomize available. Validated instead: every raw manifest "
               "file above (schemas), not the overlays' patches, generated secrets or the proxy merge.")
-    validate_dashboard(checks)
+    validate_dashboard(Path(args.dashboard), checks)
 
     c = checks.counts
     print(f"\n==> validated {c['core']} Kubernetes objects against the Kubernetes schemas, {c['crd']} custom "
