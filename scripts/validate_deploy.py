@@ -46,7 +46,6 @@ import dashboard_metrics  # noqa: E402
 
 OVERLAYS = {"dev": 1, "staging": 2, "prod": 3}  # overlay -> proxy (and sidecar) replicas
 NAMESPACE = "milvus"
-PROXY = ("Deployment", "milvus-proxy")
 SIDECAR = "milvus-sidecar"
 PARTIAL_ANNOTATION = "milvus-sidecar.io/partial"
 PROXY_FIXTURE = K8S / "testdata" / "milvus-proxy.yaml"
@@ -214,7 +213,10 @@ def merge_into_fixture(kustomize: list[str], partial: dict) -> dict:
     merge, as server-side apply does (containers and volumes merge by name)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "proxy.yaml").write_text(PROXY_FIXTURE.read_text())
+        proxy = yaml.safe_load(PROXY_FIXTURE.read_text())
+        proxy["metadata"]["name"] = partial["metadata"]["name"]  # however the overlay names it
+        proxy["metadata"]["namespace"] = partial["metadata"].get("namespace")
+        (tmp / "proxy.yaml").write_text(yaml.safe_dump(proxy))
         (tmp / "sidecar.yaml").write_text(yaml.safe_dump(partial))
         (tmp / "kustomization.yaml").write_text(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
@@ -241,21 +243,24 @@ def check_overlay(name: str, docs: list[dict], kustomize: list[str], versions: l
     wrong_ns = [ident(d) for d in docs if (d.get("metadata") or {}).get("namespace") != NAMESPACE]
     checks.expect(not wrong_ns, f"{where}: every object in namespace {NAMESPACE}" + (f" (not: {wrong_ns})" if wrong_ns else ""))
 
-    partial = by_id.get(PROXY)
-    if not checks.expect(partial is not None, f"{where}: has the partial Deployment {PROXY[1]}"):
+    partials = [d for d in docs if d.get("kind") == "Deployment"
+                and PARTIAL_ANNOTATION in ((d.get("metadata") or {}).get("annotations") or {})]
+    if not checks.expect(len(partials) == 1, f"{where}: has one partial proxy Deployment ({PARTIAL_ANNOTATION})"):
         return
+    partial = partials[0]
+    proxy_name = partial["metadata"]["name"]
     checks.expect(
         partial["spec"].get("replicas") == OVERLAYS[name],
-        f"{where}: {PROXY[1]} replicas = {partial['spec'].get('replicas')} (want {OVERLAYS[name]})",
+        f"{where}: {proxy_name} replicas = {partial['spec'].get('replicas')} (want {OVERLAYS[name]})",
     )
 
     # The partial merged into a proxy Deployment like the Milvus chart's, validated whole.
     try:
         merged = merge_into_fixture(kustomize, partial)
     except RuntimeError as e:
-        checks.fail(f"{where}: merging {PROXY[1]} into {PROXY_FIXTURE.relative_to(REPO)} failed: {e}")
+        checks.fail(f"{where}: merging {proxy_name} into {PROXY_FIXTURE.relative_to(REPO)} failed: {e}")
         return
-    merged.setdefault("metadata", {}).get("annotations", {}).pop(PARTIAL_ANNOTATION, None)
+    merged["metadata"].get("annotations", {}).pop(PARTIAL_ANNOTATION, None)
     validate_object(merged, f"{where} (merged into testdata/milvus-proxy.yaml)", versions, checks)
     pod = merged["spec"]["template"]["spec"]
     cs = containers(pod)
