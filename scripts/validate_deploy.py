@@ -48,6 +48,7 @@ OVERLAYS = {"dev": 1, "staging": 2, "prod": 3}  # overlay -> proxy (and sidecar)
 NAMESPACE = "milvus"
 SIDECAR = "milvus-sidecar"
 PARTIAL_ANNOTATION = "milvus-sidecar.io/partial"
+PART_OF = ("app.kubernetes.io/part-of", "milvus-sidecar")
 PROXY_FIXTURE = K8S / "testdata" / "milvus-proxy.yaml"
 # Secrets an overlay uses without generating them: CloudNativePG creates pg-app; in prod the
 # operator creates the bootstrap secret by hand (deploy/README.md).
@@ -249,6 +250,14 @@ def check_overlay(name: str, docs: list[dict], kustomize: list[str], versions: l
         return
     partial = partials[0]
     proxy_name = partial["metadata"]["name"]
+    # Uninstalling deletes by this label (deploy/README.md): it must name everything the
+    # overlay creates, and never the proxy Deployment it only joins.
+    unlabelled = [ident(d) for d in docs if d is not partial
+                  and ((d.get("metadata") or {}).get("labels") or {}).get(PART_OF[0]) != PART_OF[1]]
+    checks.expect(not unlabelled, f"{where}: every object it creates has label {PART_OF[0]}={PART_OF[1]}"
+                  + (f" (not: {unlabelled})" if unlabelled else ""))
+    checks.expect(PART_OF[0] not in ((partial["metadata"].get("labels")) or {}),
+                  f"{where}: the proxy Deployment {proxy_name} does not carry {PART_OF[0]} (uninstall must not select it)")
     checks.expect(
         partial["spec"].get("replicas") == OVERLAYS[name],
         f"{where}: {proxy_name} replicas = {partial['spec'].get('replicas')} (want {OVERLAYS[name]})",
