@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -373,7 +374,17 @@ def check_overlay(name: str, docs: list[dict], kustomize: list[str], versions: l
     if name == "prod":
         checks.expect(not secrets, f"{where}: renders no Secret (credentials come from CNPG and the operator)")
     for secret, (keys, d) in secrets.items():
-        values = [base64.b64decode(v).decode(errors="replace") for v in (d.get("data") or {}).values()]
+        decoded = {k: base64.b64decode(v).decode(errors="replace") for k, v in (d.get("data") or {}).items()}
+        if {"uri", "username", "password", "dbname"} <= set(decoded):
+            # A hand-made pg-app must agree with itself: PostgreSQL is set up from username,
+            # password and dbname; the sidecar connects with uri.
+            u = urlsplit(decoded["uri"])
+            checks.expect(
+                (unquote(u.username or ""), unquote(u.password or ""), u.path.lstrip("/"))
+                == (decoded["username"], decoded["password"], decoded["dbname"]),
+                f"{where}: secret {secret}: uri has the same username, password and dbname as its other keys",
+            )
+        values = list(decoded.values())
         if any("CHANGE-ME" in v for v in values):
             checks.note(f"{where}: secret {secret} holds placeholder values (CHANGE-ME): replace them before real use")
 
