@@ -204,7 +204,7 @@ def validate_raw(versions: list[str], checks: Checks) -> None:
 
 
 def render(kustomize: list[str], directory: Path) -> str:
-    proc = subprocess.run([*kustomize, str(directory)], capture_output=True, text=True)
+    proc = subprocess.run([*kustomize, str(directory)], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}")
     return proc.stdout
@@ -345,7 +345,7 @@ def check_overlay(name: str, docs: list[dict], kustomize: list[str], versions: l
     secrets = {}
     for d in docs:
         if d.get("kind") == "Secret":
-            keys = set((d.get("data") or {})) | set((d.get("stringData") or {}))
+            keys = set(d.get("data") or {}) | set(d.get("stringData") or {})
             secrets[d["metadata"]["name"]] = (keys, d)
     refs = set()
 

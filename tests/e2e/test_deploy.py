@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from pymilvus import MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from milvus_workflow import DIM
 from services import http_get
@@ -180,7 +181,7 @@ def make_traffic(sidecar) -> int:
         client.drop_collection(COLLECTION)
     finally:
         client.close()
-    with pytest.raises(Exception):
+    with pytest.raises(MilvusException, match="Fail connecting"):
         MilvusClient(uri=sidecar.uri, token="root:not-the-password", timeout=10)
     return 5
 
