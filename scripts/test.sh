@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, the release build, the Rust tests and the pymilvus
-# end-to-end tests (tests/e2e) against milvus-lite, PostgreSQL and the built sidecar.
+# Runs every test: the deployment manifests and dashboard (scripts/validate-deploy.sh),
+# formatting, lints, the release build, the Rust tests and the pymilvus end-to-end tests
+# (tests/e2e) against milvus-lite, PostgreSQL and the built sidecar.
 #
 #   scripts/test.sh [extra pytest args...]
 #
@@ -81,6 +82,7 @@ if ! step setup scripts/setup.sh; then
 fi
 HAVE_PG=1
 step postgres postgres_for_tests || HAVE_PG=0
+step deploy scripts/validate-deploy.sh || true
 step fmt cargo fmt --check || true
 step clippy cargo clippy --all-targets -- -D warnings || true
 if step build cargo build --release; then
