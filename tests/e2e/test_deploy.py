@@ -211,6 +211,10 @@ def test_counters_move_with_the_calls(sidecar):
         return total(after, name, **labels) - total(before, name, **labels)
 
     assert moved("milvus_sidecar_calls_total") >= allowed
+    # Exactly the workflow's one search, insert and query, each by its method.
+    for method in ("Search", "Insert", "Query", "CreateCollection"):
+        assert moved("milvus_sidecar_calls_total", method=method, outcome="ok") == 1, method
+        assert moved("milvus_sidecar_upstream_seconds_count", method=method) == 1, method
     assert moved("milvus_sidecar_overhead_seconds_count") >= allowed
     assert moved("milvus_sidecar_upstream_seconds_count") >= allowed
     assert moved("milvus_sidecar_auth_decisions_total", decision="allowed") >= allowed
