@@ -305,10 +305,11 @@ impl Shared {
             headers.get("dbname").and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).unwrap_or(DEFAULT_DATABASE);
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         self.telemetry.call_started();
+        let started_at = SystemTime::now();
         InFlight {
             facts: CallFacts {
-                id: uuid::Uuid::now_v7(),
-                started_at: SystemTime::now(),
+                id: crate::facts::call_id(started_at),
+                started_at,
                 duration: Default::default(),
                 method: Method { rpc, path },
                 database: database.to_owned(),
