@@ -147,7 +147,11 @@ pub fn insert(collection: &str, bytes: usize, first_id: i64) -> Workload {
 
 /// Opens `count` HTTP/2 connections (one per channel) to `addr`.
 pub async fn connect(addr: std::net::SocketAddr, count: usize) -> Result<Vec<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.user_agent(USER_AGENT)?.tcp_nodelay(true);
+    // BDP-sized flow-control windows, as grpcio (under pymilvus) negotiates them.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .user_agent(USER_AGENT)?
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true);
     let mut channels = Vec::with_capacity(count);
     for _ in 0..count {
         let channel = endpoint.connect().await.with_context(|| format!("connecting to {addr}"))?;
