@@ -250,12 +250,14 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
     if let Some(b) = &backlog {
         println!(
             "\nWriter backlog: {} Search records queued at once -> {} rows written in {:.2} s = {:.0} rows/s \
-             (the log tables grew by {} rows, counted with SQL)",
+             (the log tables grew by {} rows, counted with SQL); CPU per row: writer {:.1} µs, PostgreSQL {:.1} µs",
             b.calls,
             b.rows,
             b.secs,
             b.rows_per_sec(),
-            b.rows_in_database
+            b.rows_in_database,
+            b.writer_cpu_us_per_row,
+            b.postgres_cpu_us_per_row
         );
     }
     println!("\n=== Targets of issue 6 (sidecar with authentication, permission check and recording on) ===");
@@ -371,12 +373,14 @@ async fn measure_run(
     // Sample at the window's edges so that warm-up CPU is not charged to the run.
     sleep_until(window.measure_from.into()).await;
     let before = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
-    let rows_before = match recording {
-        Some((_, db)) => Some(writer::log_rows(db).await?),
-        None => None,
+    let (rows_before, backends) = match recording {
+        Some((_, db)) => (Some(writer::log_rows(db).await?), writer::backend_pids(db).await?),
+        None => (None, Vec::new()),
     };
+    let pg_before = procstat::usage(&backends).unwrap_or_default();
     sleep_until(window.until.into()).await;
     let after = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
+    let pg_after = procstat::usage(&backends).unwrap_or_default();
     let rows_after = match recording {
         Some((_, db)) => Some(writer::log_rows(db).await?),
         None => None,
@@ -397,7 +401,14 @@ async fn measure_run(
             .count();
         let rows_per_sec = (rows_after.unwrap_or(0) - rows_before.unwrap_or(0)) as f64 / config.measure.as_secs_f64();
         if let Some(cost) = result.cost.as_mut() {
-            cost.recording = Some(RecordingFigures { rows_per_sec, lost: expected - arrived, spill_or_drop_lines });
+            let postgres_cpu_us_per_req =
+                (pg_after.cpu_secs - pg_before.cpu_secs) * 1e6 / stats.latency_us.len().max(1) as f64;
+            cost.recording = Some(RecordingFigures {
+                rows_per_sec,
+                lost: expected - arrived,
+                spill_or_drop_lines,
+                postgres_cpu_us_per_req,
+            });
         }
     }
     Ok(result)

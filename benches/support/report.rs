@@ -65,6 +65,9 @@ pub struct RecordingFigures {
     pub lost: i64,
     /// Lines the sidecar logged about spilling to disk or dropping records during the run.
     pub spill_or_drop_lines: usize,
+    /// CPU time of the PostgreSQL backends serving the sidecar's database (its pool and
+    /// LISTEN connections, and the bench's counting queries) per measured call.
+    pub postgres_cpu_us_per_req: f64,
 }
 
 impl RunResult {
@@ -101,8 +104,8 @@ impl RunResult {
             );
             if let Some(r) = cost.recording {
                 line += &format!(
-                    "  writer {:.0} rows/s, lost {}, spill/drop log lines {}",
-                    r.rows_per_sec, r.lost, r.spill_or_drop_lines
+                    "  writer {:.0} rows/s, PostgreSQL CPU {:.1} µs/req, lost {}, spill/drop log lines {}",
+                    r.rows_per_sec, r.postgres_cpu_us_per_req, r.lost, r.spill_or_drop_lines
                 );
             }
         }
@@ -189,6 +192,7 @@ impl ScenarioResult {
         row("RSS MiB at end", &cost(|c| Some(c.rss_mib), 1));
         row("peak RSS MiB", &cost(|c| Some(c.peak_mib), 1));
         row("writer rows/s", &cost(|c| c.recording.map(|r| r.rows_per_sec), 0));
+        row("PostgreSQL CPU µs/req", &cost(|c| c.recording.map(|r| r.postgres_cpu_us_per_req), 1));
         row("rows lost (sum)", &|_, runs: &[RunResult]| {
             let recs: Vec<RecordingFigures> = runs.iter().filter_map(|r| r.cost.as_ref()?.recording).collect();
             if recs.is_empty() { "—".to_owned() } else { recs.iter().map(|r| r.lost).sum::<i64>().to_string() }

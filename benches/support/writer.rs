@@ -22,6 +22,8 @@ use milvus_sidecar::record::{Recorder, Recording};
 use milvus_sidecar::settings::Settings;
 use milvus_sidecar::store::{self, system_config};
 
+use crate::procstat;
+
 /// What one backlog drain measured.
 pub struct WriterResult {
     pub calls: usize,
@@ -29,6 +31,10 @@ pub struct WriterResult {
     pub secs: f64,
     /// Rows the log tables grew by, counted with SQL.
     pub rows_in_database: i64,
+    /// CPU time per row of this process (where the writer runs) and of the PostgreSQL backends
+    /// serving this database, over the drain.
+    pub writer_cpu_us_per_row: f64,
+    pub postgres_cpu_us_per_row: f64,
 }
 
 impl WriterResult {
@@ -60,6 +66,9 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
     recording.recorder.record(fresh(&template));
     let per_call = wait_for_rows(&recording, 1, Duration::from_secs(10)).await?;
     let facts: Vec<CallFacts> = (0..calls).map(|_| fresh(&template)).collect();
+    let backends = backend_pids(&client).await?;
+    let me = [std::process::id()];
+    let (writer_before, pg_before) = (procstat::usage(&me)?, procstat::usage(&backends).unwrap_or_default());
     let start = Instant::now();
     for f in facts {
         recording.recorder.record(f);
@@ -67,6 +76,10 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
     let expected = per_call * (calls as u64 + 1);
     let written = wait_for_rows(&recording, expected, Duration::from_secs(300)).await?;
     let secs = start.elapsed().as_secs_f64();
+    let (writer_after, pg_after) = (procstat::usage(&me)?, procstat::usage(&backends).unwrap_or_default());
+    let rows = written - per_call;
+    let per_row =
+        |before: procstat::Usage, after: procstat::Usage| (after.cpu_secs - before.cpu_secs) * 1e6 / rows as f64;
     let stats = &recording.stats;
     let (spilled, dropped) =
         (stats.records_spilled.load(Ordering::Relaxed), stats.records_dropped.load(Ordering::Relaxed));
@@ -74,7 +87,14 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
     let _ = std::fs::remove_dir_all(&spill_dir);
     ensure!(spilled == 0 && dropped == 0, "the writer spilled {spilled} and dropped {dropped} records");
     let rows_in_database = log_rows(&client).await? - before;
-    Ok(WriterResult { calls, rows: written - per_call, secs, rows_in_database })
+    Ok(WriterResult {
+        calls,
+        rows,
+        secs,
+        rows_in_database,
+        writer_cpu_us_per_row: per_row(writer_before, writer_after),
+        postgres_cpu_us_per_row: per_row(pg_before, pg_after),
+    })
 }
 
 /// Waits until the writer has written at least `rows` rows; returns how many it has.
@@ -90,6 +110,19 @@ async fn wait_for_rows(recording: &Recording, rows: u64, within: Duration) -> Re
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The server processes of every session on this database (PostgreSQL runs one per
+/// connection): their CPU time is what recording costs PostgreSQL.
+pub async fn backend_pids(client: &tokio_postgres::Client) -> Result<Vec<u32>> {
+    let rows = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await?;
+    // Only those this user can see in /proc (all of them on a local server).
+    Ok(rows.iter().map(|row| row.get::<_, i32>(0) as u32).filter(|pid| procstat::usage(&[*pid]).is_ok()).collect())
 }
 
 /// Rows in the four log tables.
