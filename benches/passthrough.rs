@@ -1,47 +1,85 @@
-//! What the sidecar costs on a unary Milvus `Search`: the same pymilvus-shaped load is sent to a
-//! fast fake Milvus directly and through `milvus-sidecar`, alternating the two round by round, and
-//! the medians are compared. Run it with `cargo bench --bench passthrough`.
+//! What the sidecar costs, side by side with the alternatives (issue 6). The same pymilvus-shaped
+//! load goes to a fast fake Milvus four ways, alternated round by round:
 //!
-//! Settings (environment):
-//! - `BENCH_SECS` (5): measured seconds per run; `BENCH_WARMUP_SECS` (1): warm-up before each.
-//! - `BENCH_ROUNDS` (3): runs per target and concurrency level.
-//! - `BENCH_CONCURRENCY` (`1,32`): concurrency levels, each a number of closed-loop tasks.
-//! - `BENCH_CONNECTIONS` (1): HTTP/2 connections the tasks are spread over.
+//! - `direct`: load generator → upstream;
+//! - `sidecar`: → milvus-sidecar with authentication (a cached credential of a user with role
+//!   `user`), the per-collection permission check and recording into PostgreSQL all on → upstream;
+//! - `sidecar-norec`: → milvus-sidecar `--no-recording --no-auth` (forwarding alone: the binary
+//!   cannot check credentials without PostgreSQL, so recording off means auth off too);
+//! - `nginx`: → Debian's nginx as a plain `grpc_pass` proxy with upstream keepalive and no
+//!   access log, started with a config file of its own (see `support/nginx.rs`).
+//!
+//! Scenarios: Search (~3 KiB) at concurrency 1 and 32, Insert of 64 KiB and of 4 MiB (a valid
+//! InsertRequest with an Int64 key and a 768-dim FloatVector) at concurrency 4; plus, when
+//! milvus-lite is at hand, Search at concurrency 1 against milvus-lite for a realistic figure.
+//! Then the record writer's throughput on a backlog (`support/writer.rs`). At the end: a table
+//! per scenario (medians over rounds, min–max in brackets) and the issue's targets, PASS/FAIL.
+//!
+//! Run it with `scripts/bench.sh` (installs nginx, finds or starts PostgreSQL, creates a fresh
+//! database, then runs this), or `cargo bench --bench passthrough [-- FLAGS]` yourself.
+//!
+//! Flags (after `--`) and environment, flags first:
+//! - `--quick`: a smoke run (1 s runs, 1 round, a 20 000-call writer backlog).
+//! - `--secs S` / `BENCH_SECS` (5): measured seconds per run; `--warmup S` / `BENCH_WARMUP_SECS` (1).
+//! - `--rounds N` / `BENCH_ROUNDS` (3): runs per target and scenario.
+//! - `--connections N` / `BENCH_CONNECTIONS` (1): HTTP/2 connections the load is spread over.
+//! - `--scenarios LIST` / `BENCH_SCENARIOS` (`search-c1,search-c32,insert-64k,insert-4m,lite`).
+//! - `--targets LIST` / `BENCH_TARGETS` (`direct,sidecar,sidecar-norec,nginx`).
+//! - `--writer-calls N` / `BENCH_WRITER_CALLS` (100000): Search records in the writer's backlog
+//!   (2 rows each); 0 skips that measurement.
+//! - `BENCH_NGINX_BIN` (nginx on PATH or /usr/sbin), `BENCH_NGINX_WORKERS` (`auto`).
+//! - `MILVUS_LITE_BIN` (else `.venv/bin/milvus-lite`): the lite scenario runs when it exists.
 //! - `BENCH_SIDECAR_BIN`: use this binary instead of the `milvus-sidecar` cargo built for the bench.
-//! - `BENCH_SIDECAR_ARGS`: extra arguments for `milvus-sidecar serve`, split on whitespace.
-//! - `BENCH_STARTUP_SECS` (30): how long the sidecar may take to become healthy.
-//!
-//! The sidecar gets the environment of the bench plus `RUST_LOG=warn`. With `DATABASE_URL` set it
-//! authenticates (pymilvus's `root:Milvus`: the admin a fresh database starts with), authorizes and
-//! records every call there, as in production; without, it runs with `--no-recording --no-auth`.
+//! - `BENCH_SIDECAR_ARGS`: extra arguments for both sidecars' `serve`, split on whitespace.
+//! - `BENCH_STARTUP_SECS` (30): how long a sidecar may take to become healthy.
+//! - `DATABASE_URL`: the database the sidecar records into and reads users from (migrated by
+//!   the sidecar; a fresh one is best). Without it the `sidecar` target and the writer
+//!   measurement are skipped.
 
 #[path = "support/fake_milvus.rs"]
 mod fake_milvus;
+#[path = "support/lite.rs"]
+mod lite;
 #[path = "support/load.rs"]
 mod load;
+#[path = "support/nginx.rs"]
+mod nginx;
+#[path = "support/procstat.rs"]
+mod procstat;
 #[path = "support/report.rs"]
 mod report;
 #[path = "support/sidecar.rs"]
 mod sidecar;
+#[path = "support/writer.rs"]
+mod writer;
 
 use std::env;
 use std::fmt::Display;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{Command, ExitCode, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use bytes::Bytes;
 use tokio::time::sleep_until;
+use tonic::metadata::AsciiMetadataValue;
 
-use report::{RunResult, Scenario};
+use load::Workload;
+use nginx::Nginx;
+use report::{RecordingFigures, RunResult, ScenarioResult, Target, Verdict};
 use sidecar::Sidecar;
 
-/// The collection both sides name, and the hits the fake returns and the client checks.
+/// The collection every call names, and the hits the fake returns and the client checks.
 const COLLECTION: &str = "bench_passthrough";
 const TOP_K: i64 = 10;
+/// The user the load authenticates as: role `user`, with `write` (hence read) on COLLECTION.
+const BENCH_USER: &str = "bench";
+const BENCH_PASSWORD: &str = "bench-pass";
+/// The admin a fresh database starts with; used once, to make the sidecar see the collection.
+const ROOT_PASSWORD: &str = "Milvus";
+const SCENARIOS: &str = "search-c1,search-c32,insert-64k,insert-4m,lite";
 
 fn main() -> ExitCode {
     match run() {
@@ -57,223 +95,641 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs every scenario and prints the table; returns how many calls failed.
+/// Runs everything and prints the tables; returns how many calls failed.
 fn run() -> Result<u64> {
-    let config = Config::from_env()?;
-    let bin = &config.sidecar_bin;
+    let config = Config::load()?;
     let upstream = fake_milvus::start()?;
-    let sidecar = Sidecar::start(bin, upstream, &config.serve_args(), config.startup_timeout)?;
-    let payload = load::search_request();
-    print_header(&config, upstream, &sidecar, &payload);
-
     // The load generator gets its own runtime, apart from the fake upstream's thread.
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("load").enable_all().build()?;
-    let scenarios = runtime
-        .block_on(measure_all(&config, upstream, &sidecar, &payload))
-        .inspect_err(|_| eprintln!("{} output:\n{}", bin.display(), sidecar.log_tail()))?;
-
-    println!("\nSearch, median of {} round(s) (min–max):", config.rounds);
-    for scenario in &scenarios {
-        print!("{}", scenario.table());
-    }
-    report_logged_errors(&sidecar);
-    Ok(scenarios.iter().map(Scenario::errors).sum())
+    runtime.block_on(session(&config, upstream))
 }
 
-fn report_logged_errors(sidecar: &Sidecar) {
-    let errors = sidecar.logged_errors();
-    if let Some(last) = errors.last() {
-        println!("\nthe sidecar logged {} ERROR line(s); the last:\n  {last}", errors.len());
+/// The proxies in front of one upstream.
+struct Stack {
+    upstream: SocketAddr,
+    sidecar: Option<Sidecar>,
+    norec: Option<Sidecar>,
+    nginx: Option<Nginx>,
+}
+
+impl Stack {
+    fn start(config: &Config, upstream: SocketAddr, label: &str) -> Result<Stack> {
+        let wants = |t| config.targets.contains(&t);
+        let sidecar = if wants(Target::Sidecar) && config.database_url.is_some() {
+            let spill = env::temp_dir().join(format!("milvus-sidecar-bench-spill-{}-{label}", std::process::id()));
+            let mut args = config.sidecar_args.clone();
+            args.extend(["--spill-dir".into(), spill.display().to_string()]);
+            args.extend(["--root-password".into(), ROOT_PASSWORD.into()]);
+            Some(Sidecar::start(&config.sidecar_bin, &format!("sidecar-{label}"), upstream, &args, config.startup)?)
+        } else {
+            None
+        };
+        let norec = if wants(Target::SidecarNoRec) {
+            let mut args = config.sidecar_args.clone();
+            args.extend(["--no-recording".into(), "--no-auth".into()]);
+            Some(Sidecar::start(&config.sidecar_bin, &format!("norec-{label}"), upstream, &args, config.startup)?)
+        } else {
+            None
+        };
+        let nginx = match (&config.nginx_bin, wants(Target::Nginx)) {
+            (Some(bin), true) => Some(Nginx::start(bin, upstream, &config.nginx_workers)?),
+            _ => None,
+        };
+        Ok(Stack { upstream, sidecar, norec, nginx })
+    }
+
+    /// The targets this stack can serve, in the configured order.
+    fn targets(&self, config: &Config) -> Vec<Target> {
+        config.targets.iter().copied().filter(|&t| self.addr(t).is_some()).collect()
+    }
+
+    fn addr(&self, target: Target) -> Option<SocketAddr> {
+        match target {
+            Target::Direct => Some(self.upstream),
+            Target::Sidecar => self.sidecar.as_ref().map(|s| s.addr),
+            Target::SidecarNoRec => self.norec.as_ref().map(|s| s.addr),
+            Target::Nginx => self.nginx.as_ref().map(|n| n.addr),
+        }
+    }
+
+    /// The processes whose CPU and memory a run through `target` is charged to.
+    fn pids(&self, target: Target) -> Vec<u32> {
+        match target {
+            Target::Direct => Vec::new(),
+            Target::Sidecar => self.sidecar.iter().map(Sidecar::pid).collect(),
+            Target::SidecarNoRec => self.norec.iter().map(Sidecar::pid).collect(),
+            Target::Nginx => self.nginx.as_ref().map(Nginx::pids).unwrap_or_default(),
+        }
+    }
+
+    fn log_errors(&self) {
+        for sidecar in self.sidecar.iter().chain(&self.norec) {
+            let errors = sidecar.logged_errors();
+            if let Some(last) = errors.last() {
+                println!(
+                    "\nthe sidecar on {} logged {} ERROR line(s); the last:\n  {last}",
+                    sidecar.addr,
+                    errors.len()
+                );
+            }
+        }
     }
 }
 
-fn print_header(config: &Config, upstream: SocketAddr, sidecar: &Sidecar, payload: &Bytes) {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "passthrough: unary Search ({} B request), direct to a fake Milvus on {upstream} vs through \
-         milvus-sidecar on {} (pid {})",
-        payload.len(),
-        sidecar.addr,
-        sidecar.pid()
-    );
-    let mode = if config.with_database {
-        "authenticating root:Milvus, authorizing and recording every call with PostgreSQL (DATABASE_URL)"
-    } else {
-        "--no-recording --no-auth: forwarding alone (set DATABASE_URL for auth and recording)"
+async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
+    let db = match &config.database_url {
+        Some(url) => Some(connect_db(url).await?),
+        None => None,
     };
-    println!("sidecar: {mode}");
+    let stack = Stack::start(config, upstream, "fake")?;
+    print_header(config, &stack);
+    let auth = load::authorization(BENCH_USER, BENCH_PASSWORD);
+    if let (Some(sidecar), Some(db)) = (&stack.sidecar, &db) {
+        grant_bench_user(config, sidecar, db, &auth)
+            .await
+            .inspect_err(|_| eprintln!("sidecar output:\n{}", sidecar.log_tail()))?;
+    }
+    // Idle memory: after start-up and set-up, before any load.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle: Vec<(Target, f64)> = stack
+        .targets(config)
+        .into_iter()
+        .filter(|&t| t != Target::Direct)
+        .filter_map(|t| Some((t, procstat::usage(&stack.pids(t)).ok()?.rss_kib as f64 / 1024.0)))
+        .collect();
+
+    let mut results = Vec::new();
+    for key in &config.scenarios {
+        let (name, workload, concurrency) = match key.as_str() {
+            "search-c1" => ("Search 3 KiB, concurrency 1", load::search(COLLECTION, &["title", "category"]), 1),
+            "search-c32" => ("Search 3 KiB, concurrency 32", load::search(COLLECTION, &["title", "category"]), 32),
+            "insert-64k" => ("Insert 64 KiB, concurrency 4", load::insert(COLLECTION, 64 << 10, 0), 4),
+            "insert-4m" => ("Insert 4 MiB, concurrency 4", load::insert(COLLECTION, 4 << 20, 0), 4),
+            _ => continue,
+        };
+        let rows = if workload.rows > 0 { format!(", {} rows", workload.rows) } else { String::new() };
+        let name = format!("{name} (fake upstream, {} B request{rows})", workload.payload.len());
+        let result = measure_scenario(config, &stack, db.as_ref(), &auth, key, &name, &workload, concurrency)
+            .await
+            .with_context(|| format!("scenario {key}"))?;
+        results.push(result);
+    }
+    if config.scenarios.iter().any(|s| s == "lite") {
+        match &config.lite_bin {
+            Some(bin) => {
+                let result = lite_scenario(config, bin, db.as_ref(), &auth).await.context("scenario lite")?;
+                results.push(result);
+            }
+            None => println!("\nno milvus-lite (MILVUS_LITE_BIN, .venv/bin/milvus-lite): the lite scenario is skipped"),
+        }
+    }
+    let idle_after: Vec<(Target, f64)> = idle
+        .iter()
+        .filter_map(|&(t, _)| Some((t, procstat::usage(&stack.pids(t)).ok()?.rss_kib as f64 / 1024.0)))
+        .collect();
+
+    let backlog = match (&config.database_url, config.writer_calls) {
+        (Some(url), calls) if calls > 0 => {
+            eprintln!("  writer backlog: {calls} Search records queued at once ...");
+            let measured = writer::measure(url, calls, BENCH_USER, COLLECTION).await.context("writer backlog")?;
+            eprintln!("  writer backlog: {:.0} rows/s", measured.rows_per_sec());
+            Some(measured)
+        }
+        _ => None,
+    };
+
+    println!("\n=== Results: median of {} round(s), (min–max) over rounds ===", config.rounds);
+    for result in &results {
+        print!("{}", result.table());
+    }
+    println!("\nRSS when idle (MiB): after start-up / after all runs");
+    for ((target, before), (_, after)) in idle.iter().zip(&idle_after) {
+        println!("  {:<16} {before:>6.1} / {after:.1}", target.name());
+    }
+    if let Some(b) = &backlog {
+        println!(
+            "\nWriter backlog: {} Search records queued at once -> {} rows written in {:.2} s = {:.0} rows/s \
+             (the log tables grew by {} rows, counted with SQL); CPU per row: writer {:.1} µs, PostgreSQL {:.1} µs",
+            b.calls,
+            b.rows,
+            b.secs,
+            b.rows_per_sec(),
+            b.rows_in_database,
+            b.writer_cpu_us_per_row,
+            b.postgres_cpu_us_per_row
+        );
+    }
+    println!("\n=== Targets of issue 6 (sidecar with authentication, permission check and recording on) ===");
+    for verdict in verdicts(&results, &idle, backlog.as_ref()) {
+        println!("{}", verdict.line());
+    }
     println!(
-        "{:.1} s per run after {:.1} s warm-up, {} round(s) alternating targets, {} connection(s); \
-         load generator, sidecar and upstream share {cores} cores",
+        "\n(Load generator, fake upstream, proxies and PostgreSQL share {} cores; CPU per request counts the \
+         proxy process only — nginx: master + workers; the sidecar's includes its writer, not PostgreSQL.)",
+        cores()
+    );
+    stack.log_errors();
+    Ok(results.iter().map(ScenarioResult::errors).sum())
+}
+
+fn print_header(config: &Config, stack: &Stack) {
+    println!("passthrough: milvus-sidecar vs nginx vs direct, fake Milvus on {}", stack.upstream);
+    if let Some(s) = &stack.sidecar {
+        println!(
+            "  sidecar        {} (pid {}): auth as {BENCH_USER} (role user, write on {COLLECTION}), recording into DATABASE_URL",
+            s.addr,
+            s.pid()
+        );
+    } else if config.targets.contains(&Target::Sidecar) {
+        println!("  sidecar        skipped: no DATABASE_URL to authenticate and record with");
+    }
+    if let Some(s) = &stack.norec {
+        println!("  sidecar-norec  {} (pid {}): --no-recording --no-auth", s.addr, s.pid());
+    }
+    match &stack.nginx {
+        Some(n) => println!(
+            "  nginx          {} (pids {:?}, {} worker(s) setting `{}`), config {}",
+            n.addr,
+            n.pids(),
+            n.pids().len() - 1,
+            config.nginx_workers,
+            n.config_path().display()
+        ),
+        None if config.targets.contains(&Target::Nginx) => {
+            println!("  nginx          skipped: not found (scripts/bench.sh installs it; or set BENCH_NGINX_BIN)")
+        }
+        None => {}
+    }
+    println!(
+        "  {:.1} s per run after {:.1} s warm-up, {} round(s) alternating targets, {} connection(s), {} cores shared",
         config.measure.as_secs_f64(),
         config.warmup.as_secs_f64(),
         config.rounds,
-        config.connections
+        config.connections,
+        cores()
     );
 }
 
-/// Which way the load goes.
-#[derive(Clone, Copy, PartialEq)]
-enum Target {
-    Direct,
-    Sidecar,
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
 }
 
-async fn measure_all(
+#[allow(clippy::too_many_arguments)]
+async fn measure_scenario(
     config: &Config,
-    upstream: SocketAddr,
-    sidecar: &Sidecar,
-    payload: &Bytes,
-) -> Result<Vec<Scenario>> {
-    let mut scenarios = Vec::new();
-    for &concurrency in &config.concurrency {
-        let mut scenario = Scenario { concurrency, direct: Vec::new(), sidecar: Vec::new() };
-        for round in 0..config.rounds {
-            // Swap which target goes first each round, so slow drift (caches, CPU frequency,
-            // allocator growth) does not favour either.
-            let order = if round.is_multiple_of(2) {
-                [Target::Direct, Target::Sidecar]
-            } else {
-                [Target::Sidecar, Target::Direct]
-            };
-            for target in order {
-                let (addr, watched) = match target {
-                    Target::Direct => (upstream, None),
-                    Target::Sidecar => (sidecar.addr, Some(sidecar)),
-                };
-                let result = measure_run(config, addr, watched, payload, concurrency)
-                    .await
-                    .with_context(|| format!("c={concurrency} round {} via {addr}", round + 1))?;
-                let name = if watched.is_some() { "sidecar" } else { "direct" };
-                eprintln!("  c={concurrency} round {}/{} {name:<7} {}", round + 1, config.rounds, result.summary());
-                match target {
-                    Target::Direct => scenario.direct.push(result),
-                    Target::Sidecar => scenario.sidecar.push(result),
-                }
-            }
+    stack: &Stack,
+    db: Option<&tokio_postgres::Client>,
+    auth: &AsciiMetadataValue,
+    key: &str,
+    name: &str,
+    workload: &Workload,
+    concurrency: usize,
+) -> Result<ScenarioResult> {
+    let targets = stack.targets(config);
+    let mut runs: Vec<Vec<RunResult>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..config.rounds {
+        // Rotate which target goes first each round, so slow drift (caches, CPU frequency,
+        // allocator growth, other jobs on the machine) does not favour one.
+        for i in 0..targets.len() {
+            let index = (i + round) % targets.len();
+            let target = targets[index];
+            let result = measure_run(config, stack, target, db, auth, workload, concurrency)
+                .await
+                .with_context(|| format!("round {} via {}", round + 1, target.name()))?;
+            eprintln!("  {key} round {}/{} {:<14} {}", round + 1, config.rounds, target.name(), result.summary());
+            runs[index].push(result);
         }
-        scenarios.push(scenario);
     }
-    Ok(scenarios)
+    Ok(ScenarioResult { name: name.to_owned(), key: key.to_owned(), targets, runs })
 }
 
-/// One warm-up plus measured window against `addr`, on fresh connections; `watched` is the
-/// sidecar whose CPU and memory the window is charged to.
+/// One warm-up plus measured window through `target`, on fresh connections.
 async fn measure_run(
     config: &Config,
-    addr: SocketAddr,
-    watched: Option<&Sidecar>,
-    payload: &Bytes,
+    stack: &Stack,
+    target: Target,
+    db: Option<&tokio_postgres::Client>,
+    auth: &AsciiMetadataValue,
+    workload: &Workload,
     concurrency: usize,
 ) -> Result<RunResult> {
+    let addr = stack.addr(target).context("target not running")?;
+    let pids = stack.pids(target);
+    let recording = match (target, &stack.sidecar, db) {
+        (Target::Sidecar, Some(sidecar), Some(db)) => Some((sidecar, db)),
+        _ => None,
+    };
+    let accounting = match recording {
+        Some((sidecar, db)) => Some((perf_rows(db).await?, sidecar.log_len())),
+        None => None,
+    };
     let channels = load::connect(addr, config.connections).await?;
-    load::check_search(&channels[0], payload).await?;
-    if let Some(sidecar) = watched {
-        sidecar.reset_peak_rss();
-    }
+    load::check(&channels[0], workload, auth).await?;
+    procstat::reset_peak(&pids);
     let start = Instant::now();
     let window = load::Window { measure_from: start + config.warmup, until: start + config.warmup + config.measure };
-    let workers = load::spawn_workers(&channels, payload, concurrency, window);
-    // Sample the sidecar at the window's edges so that warm-up CPU is not charged to the run.
+    let workers = load::spawn_workers(&channels, workload, auth, concurrency, window);
+    // Sample at the window's edges so that warm-up CPU is not charged to the run.
     sleep_until(window.measure_from.into()).await;
-    let before = watched.map(Sidecar::usage).transpose()?;
-    let rows_before = if watched.is_some() && config.with_database { logged_rows().await } else { None };
+    let before = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
+    let (rows_before, backends) = match recording {
+        Some((_, db)) => (Some(writer::log_rows(db).await?), writer::backend_pids(db).await?),
+        None => (None, Vec::new()),
+    };
+    let pg_before = procstat::usage(&backends).unwrap_or_default();
     sleep_until(window.until.into()).await;
-    let after = watched.map(Sidecar::usage).transpose()?;
-    let rows_after = if rows_before.is_some() { logged_rows().await } else { None };
+    let after = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
+    let pg_after = procstat::usage(&backends).unwrap_or_default();
+    let rows_after = match recording {
+        Some((_, db)) => Some(writer::log_rows(db).await?),
+        None => None,
+    };
     let stats = load::join(workers).await?;
-    let mut result = RunResult::new(stats, config.measure.as_secs_f64(), before.zip(after));
-    if let (Some(cost), Some(b), Some(a)) = (result.sidecar.as_mut(), rows_before, rows_after) {
-        cost.rows_per_sec = Some((a - b) as f64 / config.measure.as_secs_f64());
+    let mut result = RunResult::new(&stats, config.measure.as_secs_f64(), before.zip(after));
+    if let (Some((sidecar, db)), Some((perf_before, log_from))) = (recording, accounting) {
+        // Every OK call (the check call, warm-up and measured ones) must get its
+        // performance_metrics row; give the writer time to catch up, then count.
+        let expected = perf_before + stats.completed as i64 + 1;
+        let arrived = wait_for_perf_rows(db, expected).await?;
+        let spill_or_drop_lines = sidecar
+            .log_since(log_from)
+            .lines()
+            .filter(|line| {
+                line.contains("spilling") || line.contains("record queue full") || line.contains("records are lost")
+            })
+            .count();
+        let rows_per_sec = (rows_after.unwrap_or(0) - rows_before.unwrap_or(0)) as f64 / config.measure.as_secs_f64();
+        if let Some(cost) = result.cost.as_mut() {
+            let postgres_cpu_us_per_req =
+                (pg_after.cpu_secs - pg_before.cpu_secs) * 1e6 / stats.latency_us.len().max(1) as f64;
+            cost.recording = Some(RecordingFigures {
+                rows_per_sec,
+                lost: expected - arrived,
+                spill_or_drop_lines,
+                postgres_cpu_us_per_req,
+            });
+        }
     }
     Ok(result)
 }
 
-/// Rows in the four log tables of the sidecar's database (DATABASE_URL): their growth over
-/// the window is what the writer put into PostgreSQL.
-async fn logged_rows() -> Option<i64> {
-    let url = env::var("DATABASE_URL").ok()?;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+/// Waits until `performance_metrics` holds `expected` rows, or stops growing for 2 s.
+async fn wait_for_perf_rows(db: &tokio_postgres::Client, expected: i64) -> Result<i64> {
+    let mut last = perf_rows(db).await?;
+    let mut changed = Instant::now();
+    while last < expected && changed.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = perf_rows(db).await?;
+        if now != last {
+            last = now;
+            changed = Instant::now();
+        }
+    }
+    Ok(last)
+}
+
+async fn perf_rows(db: &tokio_postgres::Client) -> Result<i64> {
+    Ok(db.query_one("SELECT count(*) FROM performance_metrics", &[]).await?.get(0))
+}
+
+async fn connect_db(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to DATABASE_URL {url}"))?;
     tokio::spawn(conn);
-    let sql = "SELECT (SELECT count(*) FROM performance_metrics) + (SELECT count(*) FROM query_logs) \
-               + (SELECT count(*) FROM ingestion_logs) + (SELECT count(*) FROM audit_logs)";
-    client.query_one(sql, &[]).await.ok().map(|row| row.get(0))
+    Ok(client)
+}
+
+/// Makes the bench user able to search and insert through the sidecar, as an operator would:
+/// root calls once so that the sidecar mirrors the collection, then `milvus-sidecar user
+/// create` and `grant ... write` (the CLI), then the bench user's own call must succeed.
+async fn grant_bench_user(
+    config: &Config,
+    sidecar: &Sidecar,
+    db: &tokio_postgres::Client,
+    auth: &AsciiMetadataValue,
+) -> Result<()> {
+    let channel = load::connect(sidecar.addr, 1).await?.remove(0);
+    let search = load::search(COLLECTION, &["title", "category"]);
+    load::check(&channel, &search, &load::authorization("root", ROOT_PASSWORD))
+        .await
+        .context("root's first call through the sidecar (is DATABASE_URL a fresh database?)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let known = "SELECT EXISTS (SELECT 1 FROM collections WHERE collection_name = $1 AND status = 'active')";
+    while !db.query_one(known, &[&COLLECTION]).await?.get::<_, bool>(0) {
+        ensure!(Instant::now() < deadline, "the sidecar did not record collection {COLLECTION} within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exists = db.query_opt("SELECT 1 FROM users WHERE username = $1", &[&BENCH_USER]).await?.is_some();
+    if exists {
+        cli(config, &["user", "set-password", BENCH_USER, "--password-stdin"], Some(BENCH_PASSWORD))?;
+    } else {
+        cli(config, &["user", "create", BENCH_USER, "--role", "user", "--password-stdin"], Some(BENCH_PASSWORD))?;
+    }
+    cli(config, &["grant", BENCH_USER, COLLECTION, "write"], None)?;
+    // Grants reach the sidecar through LISTEN/NOTIFY, within a second.
+    let insert = load::insert(COLLECTION, 4 << 10, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let result = async {
+            load::check(&channel, &search, auth).await?;
+            load::check(&channel, &insert, auth).await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.context("the bench user's calls after the grant")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Runs `milvus-sidecar ARGS` against DATABASE_URL (from the environment), feeding `stdin`.
+fn cli(config: &Config, args: &[&str], stdin: Option<&str>) -> Result<()> {
+    let mut child = Command::new(&config.sidecar_bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running milvus-sidecar {}", args.join(" ")))?;
+    if let Some(text) = stdin {
+        child.stdin.take().context("stdin")?.write_all(format!("{text}\n").as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "milvus-sidecar {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Search at concurrency 1 against milvus-lite holding a loaded collection, every target in
+/// front of it: what the proxies add next to a real server's own time.
+async fn lite_scenario(
+    config: &Config,
+    bin: &std::path::Path,
+    db: Option<&tokio_postgres::Client>,
+    auth: &AsciiMetadataValue,
+) -> Result<ScenarioResult> {
+    eprintln!("  lite: starting milvus-lite and loading {COLLECTION} ...");
+    let lite = lite::MilvusLite::start(bin).await?;
+    lite.prepare(COLLECTION).await?;
+    let stack = Stack::start(config, lite.addr, "lite")?;
+    if let Some(sidecar) = &stack.sidecar {
+        // The sidecar's start-up sync mirrors the collection; the grant made for the fake's
+        // stack names it already. Wait until this sidecar lets the bench user search.
+        let channel = load::connect(sidecar.addr, 1).await?.remove(0);
+        let search = load::search(COLLECTION, &[]);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while let Err(e) = load::check(&channel, &search, auth).await {
+            if Instant::now() > deadline {
+                eprintln!("sidecar output:\n{}", sidecar.log_tail());
+                return Err(e.context("the bench user's Search on milvus-lite through the sidecar"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let workload = load::search(COLLECTION, &[]);
+    let name = format!("Search 3 KiB, concurrency 1 (milvus-lite upstream, {} B request)", workload.payload.len());
+    measure_scenario(config, &stack, db, auth, "lite", &name, &workload, 1).await
+}
+
+/// The issue's targets, judged on the medians.
+fn verdicts(
+    results: &[ScenarioResult],
+    idle: &[(Target, f64)],
+    backlog: Option<&writer::WriterResult>,
+) -> Vec<Verdict> {
+    let find = |key: &str| results.iter().find(|r| r.key == key);
+    let mut out = Vec::new();
+    let mut judge = |target: &str, measured: Option<(bool, String)>| {
+        out.push(match measured {
+            Some((pass, detail)) => Verdict { target: target.to_owned(), pass: Some(pass), detail },
+            None => Verdict { target: target.to_owned(), pass: None, detail: "not measured".into() },
+        });
+    };
+    let s = Target::Sidecar;
+    let cpu = |r: &RunResult| r.cost.as_ref().map(|c| c.cpu_us_per_req);
+    let peak = |r: &RunResult| r.cost.as_ref().map(|c| c.peak_mib);
+
+    let c1 = find("search-c1");
+    let added = |r: &ScenarioResult, t, f: fn(&RunResult) -> f64| r.added(t, f).map(|s| s.median);
+    judge(
+        "c=1 Search: added p50 <= 60 µs",
+        c1.and_then(|r| added(r, s, |r| r.p50_us)).map(|v| (v <= 60.0, format!("{v:+.0} µs"))),
+    );
+    judge(
+        "c=1 Search: added p99 <= 120 µs",
+        c1.and_then(|r| added(r, s, |r| r.p99_us)).map(|v| (v <= 120.0, format!("{v:+.0} µs"))),
+    );
+    let c32 = find("search-c32");
+    judge(
+        "c=32 Search: CPU per request <= 30 µs",
+        c32.and_then(|r| r.median(s, cpu)).map(|v| (v <= 30.0, format!("{v:.1} µs"))),
+    );
+    judge(
+        "c=32 Search: req/s >= nginx's",
+        c32.and_then(|r| Some((r.median(s, |r| Some(r.rps))?, r.median(Target::Nginx, |r| Some(r.rps))?)))
+            .map(|(a, b)| (a >= b, format!("{a:.0} vs nginx {b:.0} req/s ({:+.0}%)", (a / b - 1.0) * 100.0))),
+    );
+    let big = find("insert-4m");
+    judge(
+        "4 MiB Insert: added p50 <= nginx's",
+        big.and_then(|r| Some((added(r, s, |r| r.p50_us)?, added(r, Target::Nginx, |r| r.p50_us)?)))
+            .map(|(a, b)| (a <= b, format!("{a:+.0} µs vs nginx {b:+.0} µs"))),
+    );
+    judge(
+        "4 MiB Insert: CPU per request <= nginx's",
+        big.and_then(|r| Some((r.median(s, cpu)?, r.median(Target::Nginx, cpu)?)))
+            .map(|(a, b)| (a <= b, format!("{a:.0} µs vs nginx {b:.0} µs"))),
+    );
+    judge(
+        "4 MiB Insert: peak RSS <= 32 MiB (4 in flight)",
+        big.and_then(|r| r.runs_of(s)?.iter().filter_map(peak).reduce(f64::max))
+            .map(|v| (v <= 32.0, format!("{v:.1} MiB (highest of the rounds)"))),
+    );
+    judge(
+        "RSS idle <= 16 MiB",
+        idle.iter().find(|(t, _)| *t == s).map(|&(_, v)| (v <= 16.0, format!("{v:.1} MiB after start-up"))),
+    );
+    judge(
+        "RSS during c=32 <= 32 MiB",
+        c32.and_then(|r| r.runs_of(s)?.iter().filter_map(peak).reduce(f64::max))
+            .map(|v| (v <= 32.0, format!("{v:.1} MiB peak (highest of the rounds)"))),
+    );
+    judge(
+        "c=32: zero records dropped or spilled",
+        c32.and_then(|r| {
+            let recs: Vec<RecordingFigures> = r.runs_of(s)?.iter().filter_map(|r| r.cost.as_ref()?.recording).collect();
+            (!recs.is_empty()).then(|| {
+                let lost: i64 = recs.iter().map(|r| r.lost).sum();
+                let lines: usize = recs.iter().map(|r| r.spill_or_drop_lines).sum();
+                (lost == 0 && lines == 0, format!("{lost} rows missing, {lines} spill/drop log lines"))
+            })
+        }),
+    );
+    judge(
+        "writer >= 100k rows/s on a backlog",
+        backlog.map(|b| (b.rows_per_sec() >= 100_000.0, format!("{:.0} rows/s", b.rows_per_sec()))),
+    );
+    out
 }
 
 struct Config {
     measure: Duration,
     warmup: Duration,
     rounds: usize,
-    concurrency: Vec<usize>,
     connections: usize,
+    scenarios: Vec<String>,
+    targets: Vec<Target>,
+    writer_calls: usize,
     sidecar_bin: PathBuf,
-    /// Whether the sidecar authenticates, authorizes and records calls with PostgreSQL: only when
-    /// DATABASE_URL says where it is.
-    with_database: bool,
     sidecar_args: Vec<String>,
-    startup_timeout: Duration,
+    startup: Duration,
+    database_url: Option<String>,
+    nginx_bin: Option<PathBuf>,
+    nginx_workers: String,
+    lite_bin: Option<PathBuf>,
 }
 
 impl Config {
-    fn from_env() -> Result<Self> {
-        let concurrency = env::var("BENCH_CONCURRENCY").unwrap_or_else(|_| "1,32".into());
-        let concurrency = concurrency
-            .split(',')
-            .map(|level| level.trim().parse::<usize>())
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("BENCH_CONCURRENCY={concurrency:?}: expected e.g. 1,32"))?;
+    /// Flags (after `cargo bench --bench passthrough --`) over environment over defaults.
+    fn load() -> Result<Self> {
+        let mut flags: Vec<(String, String)> = Vec::new();
+        let mut quick = false;
+        let mut args = env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                // cargo passes --bench to every bench binary
+                "--bench" => {}
+                "--quick" => quick = true,
+                "--secs" | "--warmup" | "--rounds" | "--connections" | "--scenarios" | "--targets"
+                | "--writer-calls" => {
+                    let value = args.next().with_context(|| format!("{arg} needs a value"))?;
+                    flags.push((arg.trim_start_matches("--").to_owned(), value));
+                }
+                "--help" | "-h" => {
+                    println!("see the comment at the top of benches/passthrough.rs for flags and settings");
+                    std::process::exit(0);
+                }
+                other => bail!("unknown argument {other:?} (try --quick, --secs S, --rounds N, --scenarios LIST)"),
+            }
+        }
+        let setting = |flag: &str, var: &str| -> Option<String> {
+            flags.iter().rev().find(|(f, _)| f == flag).map(|(_, v)| v.clone()).or_else(|| env::var(var).ok())
+        };
+        let (secs, warmup, rounds, writer_calls) = if quick { (1.0, 0.3, 1, 20_000) } else { (5.0, 1.0, 3, 100_000) };
+        let list = |flag: &str, var: &str, default: &str| -> Vec<String> {
+            setting(flag, var)
+                .unwrap_or_else(|| default.into())
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        let scenarios = list("scenarios", "BENCH_SCENARIOS", SCENARIOS);
+        for s in &scenarios {
+            ensure!(SCENARIOS.split(',').any(|known| known == s), "unknown scenario {s:?}: pick from {SCENARIOS}");
+        }
+        let targets = list("targets", "BENCH_TARGETS", "direct,sidecar,sidecar-norec,nginx")
+            .iter()
+            .map(|name| Target::parse(name).with_context(|| format!("unknown target {name:?}")))
+            .collect::<Result<Vec<_>>>()?;
+        ensure!(targets.contains(&Target::Direct), "the direct target is needed: added latency is measured against it");
+        let lite_bin = env::var_os("MILVUS_LITE_BIN")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/milvus-lite")))
+            .filter(|bin| bin.is_file());
         let config = Config {
-            measure: env_secs("BENCH_SECS", 5.0)?,
-            warmup: env_secs("BENCH_WARMUP_SECS", 1.0)?,
-            rounds: env_parse("BENCH_ROUNDS", 3)?,
-            concurrency,
-            connections: env_parse("BENCH_CONNECTIONS", 1)?,
+            measure: secs_of(setting("secs", "BENCH_SECS"), "BENCH_SECS", secs)?,
+            warmup: secs_of(setting("warmup", "BENCH_WARMUP_SECS"), "BENCH_WARMUP_SECS", warmup)?,
+            rounds: parse_of(setting("rounds", "BENCH_ROUNDS"), "BENCH_ROUNDS", rounds)?,
+            connections: parse_of(setting("connections", "BENCH_CONNECTIONS"), "BENCH_CONNECTIONS", 1)?,
+            scenarios,
+            targets,
+            writer_calls: parse_of(setting("writer-calls", "BENCH_WRITER_CALLS"), "BENCH_WRITER_CALLS", writer_calls)?,
             // Cargo builds a package's binaries, with the bench's own profile, before it runs a
             // bench, so this is never stale.
             sidecar_bin: env::var_os("BENCH_SIDECAR_BIN")
                 .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_milvus-sidecar")), PathBuf::from),
-            with_database: env::var_os("DATABASE_URL").is_some(),
             sidecar_args: env::var("BENCH_SIDECAR_ARGS")
                 .map(|args| args.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
-            startup_timeout: env_secs("BENCH_STARTUP_SECS", 30.0)?,
+            startup: secs_of(env::var("BENCH_STARTUP_SECS").ok(), "BENCH_STARTUP_SECS", 30.0)?,
+            database_url: env::var("DATABASE_URL").ok().filter(|url| !url.is_empty()),
+            nginx_bin: nginx::find_binary(),
+            nginx_workers: env::var("BENCH_NGINX_WORKERS").unwrap_or_else(|_| "auto".into()),
+            lite_bin,
         };
         ensure!(config.rounds >= 1, "BENCH_ROUNDS must be at least 1");
         ensure!(config.connections >= 1, "BENCH_CONNECTIONS must be at least 1");
-        ensure!(
-            !config.concurrency.is_empty() && !config.concurrency.contains(&0),
-            "BENCH_CONCURRENCY levels must be at least 1"
-        );
         ensure!(!config.measure.is_zero(), "BENCH_SECS must be positive");
         Ok(config)
     }
-
-    /// Arguments of `milvus-sidecar serve` beyond the addresses. Without a database the sidecar
-    /// can neither record nor check credentials, so the bench then measures forwarding alone.
-    fn serve_args(&self) -> Vec<String> {
-        let mut args = self.sidecar_args.clone();
-        if !self.with_database {
-            args.extend(["--no-recording".into(), "--no-auth".into()]);
-        }
-        args
-    }
 }
 
-fn env_parse<T: FromStr>(name: &str, default: T) -> Result<T>
+fn parse_of<T: FromStr>(text: Option<String>, name: &str, default: T) -> Result<T>
 where
     T::Err: Display,
 {
-    match env::var(name) {
-        Ok(text) => match text.trim().parse() {
+    match text {
+        Some(text) => match text.trim().parse() {
             Ok(value) => Ok(value),
             Err(e) => bail!("{name}={text:?}: {e}"),
         },
-        Err(_) => Ok(default),
+        None => Ok(default),
     }
 }
 
-fn env_secs(name: &str, default: f64) -> Result<Duration> {
-    let secs: f64 = env_parse(name, default)?;
+fn secs_of(text: Option<String>, name: &str, default: f64) -> Result<Duration> {
+    let secs: f64 = parse_of(text, name, default)?;
     Duration::try_from_secs_f64(secs).with_context(|| format!("{name}={secs}: not a duration"))
 }

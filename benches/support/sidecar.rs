@@ -22,26 +22,22 @@ pub struct Sidecar {
     pub addr: SocketAddr,
     admin: SocketAddr,
     log_path: PathBuf,
-    clock_ticks_per_sec: f64,
-}
-
-/// A reading of the sidecar's resource use.
-#[derive(Clone, Copy)]
-pub struct Usage {
-    /// User plus system CPU time, in seconds.
-    pub cpu_secs: f64,
-    pub rss_kib: u64,
-    /// Peak RSS since start, or since the last `reset_peak_rss`.
-    pub peak_kib: u64,
 }
 
 impl Sidecar {
     /// Starts `bin serve` in front of `upstream` and waits until its admin `/healthz` says 200.
-    pub fn start(bin: &Path, upstream: SocketAddr, extra_args: &[String], startup_timeout: Duration) -> Result<Self> {
+    /// `name` tells this sidecar's log file apart from the others'.
+    pub fn start(
+        bin: &Path,
+        name: &str,
+        upstream: SocketAddr,
+        extra_args: &[String],
+        startup_timeout: Duration,
+    ) -> Result<Self> {
         ensure!(bin.is_file(), "no {BIN} binary at {}", bin.display());
         let [addr, admin] = free_local_addrs()?;
         // Output goes to a file, not a pipe: a pipe nobody drains would block a chatty sidecar.
-        let log_path = bin.with_file_name("passthrough-sidecar.log");
+        let log_path = bin.with_file_name(format!("passthrough-{name}.log"));
         let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let child = Command::new(bin)
             .arg("serve")
@@ -55,7 +51,7 @@ impl Sidecar {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut sidecar = Sidecar { child, addr, admin, log_path, clock_ticks_per_sec: clock_ticks_per_sec() };
+        let mut sidecar = Sidecar { child, addr, admin, log_path };
         sidecar.wait_healthy(startup_timeout)?;
         Ok(sidecar)
     }
@@ -108,32 +104,14 @@ impl Sidecar {
         text.unwrap_or_default().lines().filter(|line| line.contains(" ERROR ")).map(String::from).collect()
     }
 
-    /// Resets the kernel's peak-RSS mark so that the next `usage` reports this run's peak.
-    /// Best effort: without it the peak is the process's lifetime peak.
-    pub fn reset_peak_rss(&self) {
-        let _ = fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    /// The sidecar's output from byte `from` on (see `log_len`).
+    pub fn log_since(&self, from: u64) -> String {
+        let bytes = fs::read(&self.log_path).unwrap_or_default();
+        String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
     }
 
-    /// CPU time from /proc/PID/stat, memory from /proc/PID/status.
-    pub fn usage(&self) -> Result<Usage> {
-        let pid = self.pid();
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("reading /proc/{pid}/stat: has {BIN} died?"))?;
-        // The command name may contain spaces; the fields after its closing parenthesis do not.
-        // There, utime and stime (fields 14 and 15 of the whole line) come 11th and 12th.
-        let fields: Vec<&str> =
-            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-        let ticks = |i: usize| -> Result<u64> {
-            let field = fields.get(i).context("short /proc/PID/stat")?;
-            Ok(field.parse()?)
-        };
-        let cpu_ticks = ticks(11)? + ticks(12)?;
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        Ok(Usage {
-            cpu_secs: cpu_ticks as f64 / self.clock_ticks_per_sec,
-            rss_kib: status_kib(&status, "VmRSS:")?,
-            peak_kib: status_kib(&status, "VmHWM:")?,
-        })
+    pub fn log_len(&self) -> u64 {
+        fs::metadata(&self.log_path).map_or(0, |m| m.len())
     }
 }
 
@@ -146,7 +124,7 @@ impl Drop for Sidecar {
 
 /// Two distinct free loopback ports. Both listeners are held until both ports are known, so the
 /// kernel cannot hand out the same port twice; the sidecar binds them right after.
-fn free_local_addrs() -> Result<[SocketAddr; 2]> {
+pub fn free_local_addrs() -> Result<[SocketAddr; 2]> {
     let a = TcpListener::bind("127.0.0.1:0")?;
     let b = TcpListener::bind("127.0.0.1:0")?;
     Ok([a.local_addr()?, b.local_addr()?])
@@ -175,24 +153,4 @@ fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP reply: {line:?}")))
-}
-
-fn status_kib(status: &str, key: &str) -> Result<u64> {
-    let line = status
-        .lines()
-        .find_map(|line| line.strip_prefix(key))
-        .with_context(|| format!("no {key} in /proc/PID/status"))?;
-    Ok(line.trim().trim_end_matches("kB").trim().parse()?)
-}
-
-/// USER_HZ, the unit of /proc/PID/stat CPU times; 100 on every Linux this runs on, but asked for
-/// rather than assumed since no libc binding is at hand.
-fn clock_ticks_per_sec() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(100.0)
 }
