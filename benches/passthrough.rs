@@ -366,7 +366,10 @@ async fn measure_run(
     };
     let channels = load::connect(addr, config.connections).await?;
     load::check(&channels[0], workload, auth).await?;
-    procstat::reset_peak(&pids);
+    if !procstat::reset_peak(&pids) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| eprintln!("  (cannot reset VmHWM through /proc/PID/clear_refs: peak RSS is since start)"));
+    }
     let start = Instant::now();
     let window = load::Window { measure_from: start + config.warmup, until: start + config.warmup + config.measure };
     let workers = load::spawn_workers(&channels, workload, auth, concurrency, window);
