@@ -380,10 +380,10 @@ async fn measure_run(
         Some((_, db)) => (Some(writer::log_rows(db).await?), writer::backend_pids(db).await?),
         None => (None, Vec::new()),
     };
-    let pg_before = procstat::usage(&backends).unwrap_or_default();
+    let pg_before = procstat::cpu_by_pid(&backends);
     sleep_until(window.until.into()).await;
     let after = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
-    let pg_after = procstat::usage(&backends).unwrap_or_default();
+    let pg_after = procstat::cpu_by_pid(&backends);
     let rows_after = match recording {
         Some((_, db)) => Some(writer::log_rows(db).await?),
         None => None,
@@ -405,7 +405,7 @@ async fn measure_run(
         let rows_per_sec = (rows_after.unwrap_or(0) - rows_before.unwrap_or(0)) as f64 / config.measure.as_secs_f64();
         if let Some(cost) = result.cost.as_mut() {
             let postgres_cpu_us_per_req =
-                (pg_after.cpu_secs - pg_before.cpu_secs) * 1e6 / stats.latency_us.len().max(1) as f64;
+                procstat::cpu_between(&pg_before, &pg_after) * 1e6 / stats.latency_us.len().max(1) as f64;
             cost.recording = Some(RecordingFigures {
                 rows_per_sec,
                 lost: expected - arrived,
