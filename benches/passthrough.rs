@@ -111,15 +111,31 @@ struct Stack {
     sidecar: Option<Sidecar>,
     norec: Option<Sidecar>,
     nginx: Option<Nginx>,
+    /// The recording sidecar's spill directory.
+    spill_dir: Option<PathBuf>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Only when empty: anything spilled or rejected stays there to be looked at.
+        if let Some(dir) = &self.spill_dir
+            && std::fs::remove_dir(dir).is_err()
+            && dir.exists()
+        {
+            println!("the sidecar left records in {}", dir.display());
+        }
+    }
 }
 
 impl Stack {
     fn start(config: &Config, upstream: SocketAddr, label: &str) -> Result<Stack> {
         let wants = |t| config.targets.contains(&t);
+        let mut spill_dir = None;
         let sidecar = if wants(Target::Sidecar) && config.database_url.is_some() {
             let spill = env::temp_dir().join(format!("milvus-sidecar-bench-spill-{}-{label}", std::process::id()));
             let mut args = config.sidecar_args.clone();
             args.extend(["--spill-dir".into(), spill.display().to_string()]);
+            spill_dir = Some(spill);
             args.extend(["--root-password".into(), ROOT_PASSWORD.into()]);
             Some(Sidecar::start(&config.sidecar_bin, &format!("sidecar-{label}"), upstream, &args, config.startup)?)
         } else {
@@ -136,7 +152,7 @@ impl Stack {
             (Some(bin), true) => Some(Nginx::start(bin, upstream, &config.nginx_workers)?),
             _ => None,
         };
-        Ok(Stack { upstream, sidecar, norec, nginx })
+        Ok(Stack { upstream, sidecar, norec, nginx, spill_dir })
     }
 
     /// The targets this stack can serve, in the configured order.
