@@ -111,15 +111,31 @@ struct Stack {
     sidecar: Option<Sidecar>,
     norec: Option<Sidecar>,
     nginx: Option<Nginx>,
+    /// The recording sidecar's spill directory.
+    spill_dir: Option<PathBuf>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Only when empty: anything spilled or rejected stays there to be looked at.
+        if let Some(dir) = &self.spill_dir
+            && std::fs::remove_dir(dir).is_err()
+            && dir.exists()
+        {
+            println!("the sidecar left records in {}", dir.display());
+        }
+    }
 }
 
 impl Stack {
     fn start(config: &Config, upstream: SocketAddr, label: &str) -> Result<Stack> {
         let wants = |t| config.targets.contains(&t);
+        let mut spill_dir = None;
         let sidecar = if wants(Target::Sidecar) && config.database_url.is_some() {
             let spill = env::temp_dir().join(format!("milvus-sidecar-bench-spill-{}-{label}", std::process::id()));
             let mut args = config.sidecar_args.clone();
             args.extend(["--spill-dir".into(), spill.display().to_string()]);
+            spill_dir = Some(spill);
             args.extend(["--root-password".into(), ROOT_PASSWORD.into()]);
             Some(Sidecar::start(&config.sidecar_bin, &format!("sidecar-{label}"), upstream, &args, config.startup)?)
         } else {
@@ -136,7 +152,7 @@ impl Stack {
             (Some(bin), true) => Some(Nginx::start(bin, upstream, &config.nginx_workers)?),
             _ => None,
         };
-        Ok(Stack { upstream, sidecar, norec, nginx })
+        Ok(Stack { upstream, sidecar, norec, nginx, spill_dir })
     }
 
     /// The targets this stack can serve, in the configured order.
@@ -366,7 +382,10 @@ async fn measure_run(
     };
     let channels = load::connect(addr, config.connections).await?;
     load::check(&channels[0], workload, auth).await?;
-    procstat::reset_peak(&pids);
+    if !procstat::reset_peak(&pids) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| eprintln!("  (cannot reset VmHWM through /proc/PID/clear_refs: peak RSS is since start)"));
+    }
     let start = Instant::now();
     let window = load::Window { measure_from: start + config.warmup, until: start + config.warmup + config.measure };
     let workers = load::spawn_workers(&channels, workload, auth, concurrency, window);
@@ -377,10 +396,10 @@ async fn measure_run(
         Some((_, db)) => (Some(writer::log_rows(db).await?), writer::backend_pids(db).await?),
         None => (None, Vec::new()),
     };
-    let pg_before = procstat::usage(&backends).unwrap_or_default();
+    let pg_before = procstat::cpu_by_pid(&backends);
     sleep_until(window.until.into()).await;
     let after = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
-    let pg_after = procstat::usage(&backends).unwrap_or_default();
+    let pg_after = procstat::cpu_by_pid(&backends);
     let rows_after = match recording {
         Some((_, db)) => Some(writer::log_rows(db).await?),
         None => None,
@@ -402,7 +421,7 @@ async fn measure_run(
         let rows_per_sec = (rows_after.unwrap_or(0) - rows_before.unwrap_or(0)) as f64 / config.measure.as_secs_f64();
         if let Some(cost) = result.cost.as_mut() {
             let postgres_cpu_us_per_req =
-                (pg_after.cpu_secs - pg_before.cpu_secs) * 1e6 / stats.latency_us.len().max(1) as f64;
+                procstat::cpu_between(&pg_before, &pg_after) * 1e6 / stats.latency_us.len().max(1) as f64;
             cost.recording = Some(RecordingFigures {
                 rows_per_sec,
                 lost: expected - arrived,

@@ -36,7 +36,9 @@ impl Nginx {
     /// Starts nginx with `workers` worker processes (`auto`, or a number) in front of `upstream`.
     pub fn start(bin: &Path, upstream: SocketAddr, workers: &str) -> Result<Self> {
         let [addr, _] = crate::sidecar::free_local_addrs()?;
-        let dir = std::env::temp_dir().join(format!("milvus-sidecar-bench-nginx-{}", std::process::id()));
+        // One directory per instance (the bench may run one per upstream).
+        let dir =
+            std::env::temp_dir().join(format!("milvus-sidecar-bench-nginx-{}-{}", std::process::id(), addr.port()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let conf = dir.join("nginx.conf");
         fs::write(&conf, config(&dir, addr, upstream, workers))

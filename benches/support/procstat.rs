@@ -35,6 +35,16 @@ pub fn usage(pids: &[u32]) -> Result<Usage> {
     Ok(total)
 }
 
+/// CPU seconds of each of `pids` that is alive (those that are not are left out).
+pub fn cpu_by_pid(pids: &[u32]) -> Vec<(u32, f64)> {
+    pids.iter().filter_map(|&pid| Some((pid, usage(&[pid]).ok()?.cpu_secs))).collect()
+}
+
+/// CPU seconds spent between two `cpu_by_pid` readings by the processes alive at both.
+pub fn cpu_between(before: &[(u32, f64)], after: &[(u32, f64)]) -> f64 {
+    after.iter().filter_map(|(pid, end)| before.iter().find(|(p, _)| p == pid).map(|(_, start)| end - start)).sum()
+}
+
 /// Resets the kernel's peak-RSS mark (VmHWM) of each process, so that the next `usage` reports
 /// the peak since now. Best effort: returns false where the kernel refused, and the peak is then
 /// the process's lifetime peak.

@@ -68,7 +68,7 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
     let facts: Vec<CallFacts> = (0..calls).map(|_| fresh(&template)).collect();
     let backends = backend_pids(&client).await?;
     let me = [std::process::id()];
-    let (writer_before, pg_before) = (procstat::usage(&me)?, procstat::usage(&backends).unwrap_or_default());
+    let (writer_before, pg_before) = (procstat::usage(&me)?, procstat::cpu_by_pid(&backends));
     let start = Instant::now();
     for f in facts {
         recording.recorder.record(f);
@@ -76,10 +76,9 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
     let expected = per_call * (calls as u64 + 1);
     let written = wait_for_rows(&recording, expected, Duration::from_secs(300)).await?;
     let secs = start.elapsed().as_secs_f64();
-    let (writer_after, pg_after) = (procstat::usage(&me)?, procstat::usage(&backends).unwrap_or_default());
+    let (writer_after, pg_after) = (procstat::usage(&me)?, procstat::cpu_by_pid(&backends));
     let rows = written - per_call;
-    let per_row =
-        |before: procstat::Usage, after: procstat::Usage| (after.cpu_secs - before.cpu_secs) * 1e6 / rows as f64;
+    let per_row = |cpu_secs: f64| cpu_secs * 1e6 / rows as f64;
     let stats = &recording.stats;
     let (spilled, dropped) =
         (stats.records_spilled.load(Ordering::Relaxed), stats.records_dropped.load(Ordering::Relaxed));
@@ -92,8 +91,8 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
         rows,
         secs,
         rows_in_database,
-        writer_cpu_us_per_row: per_row(writer_before, writer_after),
-        postgres_cpu_us_per_row: per_row(pg_before, pg_after),
+        writer_cpu_us_per_row: per_row(writer_after.cpu_secs - writer_before.cpu_secs),
+        postgres_cpu_us_per_row: per_row(procstat::cpu_between(&pg_before, &pg_after)),
     })
 }
 
