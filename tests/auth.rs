@@ -397,3 +397,45 @@ async fn metrics_count_calls_decisions_and_recording() {
     s.app.shutdown().await;
     s2.app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_burst_of_new_callers_costs_one_password_check_and_user_changes_no_more() {
+    let s = setup().await;
+    let admin = s.app.running.admin_addr;
+    let checks = || async { sample(&http_get(admin, "/metrics").await.1, "milvus_sidecar_auth_password_checks_total") };
+    let burst = (0..16).map(|_| call(&s, "Search", Some("alice:alice-pw"), search("docs")));
+    for reply in futures::future::join_all(burst).await {
+        reply.expect("alice may search docs");
+    }
+    assert_eq!(checks().await, 1.0, "sixteen calls at once share one argon2 verification");
+
+    // Another user changes: alice's credential is checked against her row again (it could
+    // have been her), but her hash is the one verified, so argon2 does not run.
+    let misses = || async {
+        sample(
+            &http_get(admin, "/metrics").await.1,
+            r#"milvus_sidecar_auth_cache_lookups_total{cache="credentials",result="miss"}"#,
+        )
+    };
+    let before = misses().await;
+    let c = s.db.client().await;
+    c.batch_execute("UPDATE users SET email = 'bob@example.com' WHERE username = 'bob'").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while misses().await == before {
+        assert!(std::time::Instant::now() < deadline, "the users change was not noticed");
+        call(&s, "Search", Some("alice:alice-pw"), search("docs")).await.expect("still alice");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(checks().await, 1.0, "an unchanged hash needs no new verification");
+
+    // Her password changes: the old one stops working at once, the new one works.
+    let hash = milvus_sidecar::auth::password::hash("new-pw");
+    c.execute("UPDATE users SET password_hash = $1 WHERE username = 'alice'", &[&hash]).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while call(&s, "Search", Some("alice:alice-pw"), search("docs")).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the old password still works");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    call(&s, "Search", Some("alice:new-pw"), search("docs")).await.expect("the new password works");
+    s.app.shutdown().await;
+}

@@ -66,6 +66,8 @@ pub struct AuthStats {
     pub credential_misses: AtomicU64,
     pub grant_hits: AtomicU64,
     pub grant_misses: AtomicU64,
+    /// argon2 verifications run (each costs tens of milliseconds of CPU).
+    pub password_checks: AtomicU64,
 }
 
 impl AuthStats {
@@ -83,9 +85,25 @@ impl AuthStats {
 
 #[derive(Default)]
 struct Cache {
-    credentials: HashMap<[u8; 32], (Arc<Principal>, Instant)>,
+    credentials: HashMap<[u8; 32], Verified>,
     grants: HashMap<Uuid, Arc<Grants>>,
 }
+
+/// A credential that checked out.
+#[derive(Clone)]
+struct Verified {
+    principal: Arc<Principal>,
+    at: Instant,
+    /// The password hash it was verified against: while the user's row still holds this
+    /// hash, the same credential is still right, with no new argon2 run.
+    hash: Option<Arc<str>>,
+    /// `users_generation` when verified; older entries are checked again.
+    users_generation: u64,
+}
+
+/// One verification per credential at a time: callers arriving meanwhile share its result
+/// instead of each running argon2.
+type Verification = Arc<tokio::sync::OnceCell<Result<Arc<Principal>, AuthError>>>;
 
 /// What to do with a method this build does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -113,6 +131,10 @@ pub struct Authority {
     cache: RwLock<Cache>,
     /// Bumped on every invalidation, so a load that raced one is not cached.
     generation: AtomicU64,
+    /// Bumped when users change: verified credentials are then checked again (against
+    /// their row; argon2 only if the password changed).
+    users_generation: AtomicU64,
+    verifying: Mutex<HashMap<[u8; 32], Verification>>,
     /// Collections callers created through this sidecar recently, kept apart from the
     /// cache so that an invalidation before the writer stored the creator's grant does
     /// not take it away (user id, database, collection, when).
@@ -140,15 +162,34 @@ impl Authority {
             settings,
             cache: RwLock::default(),
             generation: AtomicU64::new(0),
+            users_generation: AtomicU64::new(0),
+            verifying: Mutex::default(),
             created: Mutex::default(),
             stats: AuthStats::default(),
         }
     }
 
-    /// Forgets every cached identity and grant.
+    /// Forgets every cached grant, and has every verified credential checked again.
     pub fn invalidate(&self) {
+        self.users_generation.fetch_add(1, Ordering::SeqCst);
+        self.invalidate_grants();
+        // Entries are kept for their hash; those long unused go.
+        let ttl = self.config.credential_ttl;
+        self.cache.write().unwrap().credentials.retain(|_, v| v.at.elapsed() < ttl * 10);
+    }
+
+    /// Forgets every cached grant (permissions or collections changed).
+    pub fn invalidate_grants(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        *self.cache.write().unwrap() = Cache::default();
+        self.cache.write().unwrap().grants.clear();
+    }
+
+    /// Acts on a change notification: the payload names the table that changed.
+    fn changed(&self, table: &str) {
+        match table {
+            "permissions" | "collections" => self.invalidate_grants(),
+            _ => self.invalidate(),
+        }
     }
 
     /// Checks the caller's credential.
@@ -167,30 +208,53 @@ impl Authority {
             (None, None) => return Err(AuthError::Unauthenticated(identity::MISSING)),
         };
         let cached = self.cache.read().unwrap().credentials.get(&cache_key).cloned();
-        if let Some((principal, at)) = &cached
-            && at.elapsed() < self.config.credential_ttl
+        if let Some(v) = &cached
+            && v.at.elapsed() < self.config.credential_ttl
+            && v.users_generation == self.users_generation.load(Ordering::SeqCst)
         {
             self.stats.credential_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(principal.clone());
+            return Ok(v.principal.clone());
         }
         self.stats.credential_misses.fetch_add(1, Ordering::Relaxed);
-        let generation = self.generation.load(Ordering::SeqCst);
-        let loaded = match (header.is_some(), anonymous) {
-            (false, Some(user)) => self.load_user(user, None).await,
+        let verification = self.verifying.lock().unwrap().entry(cache_key).or_default().clone();
+        let result = verification.get_or_init(|| self.check(headers, anonymous, cache_key, cached)).await.clone();
+        let mut verifying = self.verifying.lock().unwrap();
+        if verifying.get(&cache_key).is_some_and(|v| Arc::ptr_eq(v, &verification)) {
+            verifying.remove(&cache_key);
+        }
+        result
+    }
+
+    /// Checks a credential against PostgreSQL and caches it when it checks out.
+    async fn check(
+        &self,
+        headers: &HeaderMap,
+        anonymous: Option<&str>,
+        cache_key: [u8; 32],
+        cached: Option<Verified>,
+    ) -> Result<Arc<Principal>, AuthError> {
+        let (generation, users_generation) =
+            (self.generation.load(Ordering::SeqCst), self.users_generation.load(Ordering::SeqCst));
+        let known_hash = cached.as_ref().and_then(|v| v.hash.clone());
+        let loaded = match (headers.contains_key(http::header::AUTHORIZATION), anonymous) {
+            (false, Some(user)) => self.load_user(user, None, None).await,
             _ => match identity::credential(headers).map_err(AuthError::Unauthenticated)? {
                 Credential::Token => return Err(AuthError::Unauthenticated(identity::BAD_API_KEY)),
-                Credential::Password { user, password } => self.load_user(&user, Some(password)).await,
+                Credential::Password { user, password } => {
+                    self.load_user(&user, Some(password), known_hash.as_deref()).await
+                }
             },
         };
-        let principal = match (loaded, cached) {
-            (Ok(principal), _) => principal,
+        let (principal, hash) = match (loaded, cached) {
+            (Ok(loaded), _) => loaded,
             // PostgreSQL away: a credential verified before keeps working until it returns.
-            (Err(AuthError::Unavailable(_)), Some((principal, _))) => return Ok(principal),
+            (Err(AuthError::Unavailable(_)), Some(v)) => return Ok(v.principal),
             (Err(e), _) => return Err(e),
         };
         let principal = Arc::new(principal);
         if self.generation.load(Ordering::SeqCst) == generation {
-            self.cache.write().unwrap().credentials.insert(cache_key, (principal.clone(), Instant::now()));
+            let verified = Verified { principal: principal.clone(), at: Instant::now(), hash, users_generation };
+            self.cache.write().unwrap().credentials.insert(cache_key, verified);
         }
         Ok(principal)
     }
@@ -202,7 +266,14 @@ impl Authority {
         mac.finalize().into_bytes().into()
     }
 
-    async fn load_user(&self, name: &str, password: Option<String>) -> Result<Principal, AuthError> {
+    /// The user `name`, with `password` checked against their hash unless the same
+    /// credential was verified against that very hash before (`known_hash`).
+    async fn load_user(
+        &self,
+        name: &str,
+        password: Option<String>,
+        known_hash: Option<&str>,
+    ) -> Result<(Principal, Option<Arc<str>>), AuthError> {
         let row = self
             .query_opt("SELECT id, role, is_active, password_hash FROM users WHERE username = $1", &[&name])
             .await?;
@@ -212,17 +283,24 @@ impl Authority {
         if !active {
             return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD));
         }
+        let mut verified_hash = None;
         if let Some(password) = password {
             let Some(hash) = hash else { return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD)) };
-            // argon2 takes tens of milliseconds of CPU: not on an async worker.
-            let ok =
-                tokio::task::spawn_blocking(move || super::password::verify(&hash, &password)).await.unwrap_or(false);
-            if !ok {
-                return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD));
+            if known_hash != Some(hash.as_str()) {
+                // argon2 takes tens of milliseconds of CPU: not on an async worker.
+                self.stats.password_checks.fetch_add(1, Ordering::Relaxed);
+                let checked = hash.clone();
+                let ok = tokio::task::spawn_blocking(move || super::password::verify(&checked, &password))
+                    .await
+                    .unwrap_or(false);
+                if !ok {
+                    return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD));
+                }
             }
+            verified_hash = Some(Arc::from(hash));
         }
         let role = Role::parse(&role).unwrap_or(Role::User);
-        Ok(Principal { id, name: Arc::from(name), role })
+        Ok((Principal { id, name: Arc::from(name), role }, verified_hash))
     }
 
     /// The caller's grants (one query on a miss, then cached).
@@ -371,8 +449,9 @@ impl Authority {
         tokio::time::timeout(LOOKUP_TIMEOUT, work).await.map_err(|_| unavailable("no answer within 3 s".into()))?
     }
 
-    /// Clears the caches whenever users, grants or collections change, and every 30 s
-    /// regardless (in case a notification was missed while disconnected).
+    /// Clears the grants whenever users, grants or collections change, and every 30 s
+    /// regardless (in case a notification was missed while disconnected); has verified
+    /// credentials checked again when users change.
     ///
     /// Returns once the first LISTEN is in place (or after 5 s), so that nothing served
     /// afterwards can miss a change.
@@ -406,8 +485,8 @@ impl Authority {
         let pump = tokio::spawn(async move {
             while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
                 match message {
-                    Ok(AsyncMessage::Notification(_)) => {
-                        let _ = tx.send(());
+                    Ok(AsyncMessage::Notification(n)) => {
+                        let _ = tx.send(n.payload().to_owned());
                     }
                     Ok(_) => {}
                     Err(e) => return Err(e),
@@ -424,10 +503,11 @@ impl Authority {
         loop {
             tokio::select! {
                 got = changed.recv() => match got {
-                    Some(()) => self.invalidate(),
+                    Some(table) => self.changed(&table),
                     None => break,
                 },
-                _ = tokio::time::sleep(Duration::from_secs(30)) => self.invalidate(),
+                // Credentials expire by their own TTL; the password is not checked again.
+                _ = tokio::time::sleep(Duration::from_secs(30)) => self.invalidate_grants(),
             }
         }
         pump.abort();

@@ -303,7 +303,16 @@ impl Shared {
         let headers = &parts.headers;
         let database =
             headers.get("dbname").and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).unwrap_or(DEFAULT_DATABASE);
-        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        // The path and header values point into the connection's read buffer: the record,
+        // which may wait in the writer's queue, gets copies rather than pin that buffer.
+        let path = parts
+            .uri
+            .path_and_query()
+            .and_then(|p| {
+                http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(p.as_str().as_bytes())).ok()
+            })
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let detached = |v: &http::HeaderValue| http::HeaderValue::from_bytes(v.as_bytes()).ok();
         self.telemetry.call_started();
         let started_at = SystemTime::now();
         InFlight {
@@ -321,8 +330,8 @@ impl Shared {
                 client: Client {
                     peer: Some(peer),
                     user: None,
-                    user_agent: headers.get(http::header::USER_AGENT).cloned(),
-                    request_id: headers.get("client-request-id").cloned(),
+                    user_agent: headers.get(http::header::USER_AGENT).and_then(detached),
+                    request_id: headers.get("client-request-id").and_then(detached),
                 },
             },
             started,

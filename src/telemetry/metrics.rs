@@ -79,6 +79,7 @@ pub struct Metrics {
 struct Pulled {
     auth_decisions: IntCounterVec,
     auth_cache: IntCounterVec,
+    password_checks: IntCounter,
     queue_depth: IntGauge,
     rows_written: IntCounter,
     rows_spilled: IntCounter,
@@ -138,6 +139,7 @@ impl Metrics {
             Box::new(collections.calls.clone()),
             Box::new(pulled.auth_decisions.clone()),
             Box::new(pulled.auth_cache.clone()),
+            Box::new(pulled.password_checks.clone()),
             Box::new(pulled.queue_depth.clone()),
             Box::new(pulled.rows_written.clone()),
             Box::new(pulled.rows_spilled.clone()),
@@ -257,6 +259,7 @@ impl Metrics {
             ] {
                 set_counter(&p.auth_cache.with_label_values(&[cache, result]), counter.load(Ordering::Relaxed));
             }
+            set_counter(&p.password_checks, s.password_checks.load(Ordering::Relaxed));
         }
         if let Some(pool) = &sources.pool {
             let state = pool.state();
@@ -294,6 +297,10 @@ impl Pulled {
                 &["cache", "result"],
             )
             .expect("valid metric"),
+            password_checks: counter(
+                "milvus_sidecar_auth_password_checks_total",
+                "argon2 password verifications (a credential is verified once, then cached)",
+            ),
             queue_depth: gauge("milvus_sidecar_recording_queue_depth", "Call records waiting for the writer"),
             rows_written: counter("milvus_sidecar_recording_rows_written_total", "Rows written to PostgreSQL"),
             rows_spilled: counter(
