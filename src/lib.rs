@@ -14,6 +14,7 @@ mod server;
 pub mod settings;
 pub mod store;
 pub mod sync;
+pub mod tls;
 
 pub use app::App;
 pub use server::{Running, start};

@@ -3,6 +3,7 @@
 //! in-process in front of whichever upstream a test picks.
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod certs;
 pub mod fake;
 pub mod lite;
 pub mod pg;
