@@ -166,6 +166,11 @@ impl Authority {
     }
 
     async fn load_user(&self, name: &str, password: Option<String>) -> Result<Principal, AuthError> {
+        // PostgreSQL text cannot hold NUL, so no such user exists (and asking would be an
+        // error, which must not read as "PostgreSQL unavailable").
+        if name.contains('\0') {
+            return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD));
+        }
         let row = self
             .query_opt("SELECT id, role, is_active, password_hash FROM users WHERE username = $1", &[&name])
             .await?;

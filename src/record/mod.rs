@@ -3,6 +3,7 @@
 //! path, so it never blocks and never waits for PostgreSQL.
 
 pub mod rows;
+mod scrub;
 mod spill;
 mod writer;
 
@@ -120,7 +121,9 @@ fn log_call(f: &CallFacts) {
                     $level,
                     id = %f.id,
                     method = f.method.name(),
-                    database = %f.database,
+                    // Strings from clients go in quoted and escaped (`?`-style: str values
+                    // are recorded with Debug), never raw: no escape sequences, no forged lines.
+                    database = f.database.as_str(),
                     collection = f.request.collection.as_deref(),
                     partitions = ?f.request.partitions,
                     nq,

@@ -231,3 +231,22 @@ pub fn milvus_proto_dir() -> std::path::PathBuf {
         .expect("milvus-sdk-rust is a dev-dependency");
     std::path::Path::new(manifest).parent().unwrap().join("milvus-proto/proto")
 }
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("milvus-sidecar-{tag}-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
