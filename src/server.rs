@@ -117,7 +117,11 @@ async fn serve_grpc(
         .adaptive_window(true)
         .max_frame_size(1 << 20)
         .max_header_list_size(limits.max_header_list_bytes)
-        .max_concurrent_streams(limits.max_concurrent_streams);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A peer that vanished without closing (a dead host, a cut network) would hold one of
+        // the --max-connections slots forever: pings find it within 80 s.
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
     // One permit per open connection: when none is left, the loop stops accepting and new
     // connections wait in the kernel's listen backlog until one closes.
