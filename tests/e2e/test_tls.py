@@ -15,7 +15,7 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from pgdb import Db, wait_for
-from services import start_sidecar, stop_sidecar_checked
+from services import run_cli, start_sidecar, stop_sidecar_checked
 
 DIM = 8
 COLLECTION = "e2e_tls"
@@ -146,3 +146,12 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(binaries, milvus_lite
             client.close()
     finally:
         stop_sidecar_checked(svc)
+
+
+def test_plaintext_on_a_network_address_is_refused_unless_asked_for(binaries, milvus_lite):
+    args = ("serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0", "--no-recording", "--no-auth",
+            "--upstream", milvus_lite.uri)
+    refused = run_cli(binaries["sidecar"], *args, timeout=30)
+    assert refused.returncode == 1, refused
+    assert "refusing to serve clients on 0.0.0.0:0 without TLS" in refused.stderr
+    assert "--plaintext" in refused.stderr
