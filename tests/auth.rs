@@ -197,6 +197,24 @@ async fn a_repeated_db_name_is_authorized_as_milvus_reads_it_the_last_one() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(status.message(), "PrivilegeSearch: permission deny to alice on collection other.docs");
     assert_eq!(s.upstream.count("Search"), 0);
+
+    // A listing names two databases: Milvus lists the last one's, so that is the one the
+    // names are filtered against (alice may read default.docs, nothing in other).
+    s.upstream.reply_with(
+        "ShowCollections",
+        encode(&ShowCollectionsResponse {
+            status: Some(MilvusStatus::default()),
+            collection_names: vec!["docs".into(), "secret".into()],
+            ..Default::default()
+        }),
+    );
+    let mut body = vec![0x12, 7];
+    body.extend_from_slice(b"default");
+    body.extend_from_slice(&[0x12, 5]);
+    body.extend_from_slice(b"other");
+    let listed = call(&s, "ShowCollections", Some("alice:alice-pw"), Bytes::from(body)).await.unwrap();
+    let listed: ShowCollectionsResponse = prost013::Message::decode(listed).unwrap();
+    assert!(listed.collection_names.is_empty(), "other.docs is not alice's: {:?}", listed.collection_names);
     s.app.shutdown().await;
 }
 
