@@ -2,7 +2,7 @@
 # Installs what building and testing milvus-sidecar needs on a fresh machine, and nothing
 # that is already there. Safe to run again: a second run only checks and prints.
 #
-#   - checks the Rust toolchain (cargo, rustfmt, clippy);
+#   - checks the Rust toolchain (cargo, rustfmt, clippy), and openssl (installed if missing);
 #   - creates .venv/ (Python >= 3.10) with pinned pymilvus, milvus-lite, pytest and psycopg;
 #   - makes sure a PostgreSQL server is there (see ensure_postgres in lib.sh): DATABASE_URL
 #     when set, else the server on 127.0.0.1:5432 when it lets `postgres` in, else a throwaway
@@ -97,7 +97,16 @@ setup_postgres() {
     DONE+=("postgresql: $PG_SOURCE; admin URL $(pg_url_for_display "$PG_ADMIN_URL")")
 }
 
+# The TLS end-to-end test makes its certificates with the openssl command.
+check_openssl() {
+    if ! command -v openssl >/dev/null; then
+        apt_install openssl
+    fi
+    DONE+=("openssl: $(openssl version | cut -d' ' -f1-2)")
+}
+
 check_rust
+check_openssl
 setup_venv
 setup_postgres
 

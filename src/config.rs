@@ -67,6 +67,9 @@ pub struct SyncArgs {
 
     #[command(flatten)]
     pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub upstream_tls: UpstreamTlsArgs,
 }
 
 /// Where PostgreSQL is: `--database-url` / `DATABASE_URL`, else the seed's `POSTGRES_*`.
@@ -213,7 +216,100 @@ pub struct Config {
     pub auth: AuthArgs,
 
     #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub upstream_tls: UpstreamTlsArgs,
+
+    #[command(flatten)]
+    pub limits: ListenerLimits,
+
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
+}
+
+/// TLS on the client listener. Plaintext is allowed only on a loopback address or with
+/// `--plaintext`.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// Certificate chain (PEM) the client listener presents; with --tls-key, clients must
+    /// use TLS (1.2 or 1.3). Reloaded when the file changes.
+    #[arg(long, env = "MILVUS_SIDECAR_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert. Reloaded when it changes.
+    #[arg(long, env = "MILVUS_SIDECAR_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// CA certificates (PEM): clients must present a certificate signed by one (mutual TLS).
+    #[arg(long, env = "MILVUS_SIDECAR_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Accept unencrypted client connections on a non-loopback --listen address. Without
+    /// TLS and without this, such an address is refused at start-up. A certificate
+    /// (--tls-cert) wins over it.
+    #[arg(long, env = "MILVUS_SIDECAR_PLAINTEXT")]
+    pub plaintext: bool,
+
+    /// How often the TLS files are checked for changes.
+    #[arg(long, env = "MILVUS_SIDECAR_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+}
+
+impl Default for TlsArgs {
+    fn default() -> Self {
+        TlsArgs {
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            plaintext: false,
+            tls_reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// TLS towards an `https://` upstream.
+#[derive(Debug, Clone, Default, Args)]
+pub struct UpstreamTlsArgs {
+    /// CA certificates (PEM) an `https://` upstream's certificate must chain to. Without it,
+    /// the public web PKI roots are trusted.
+    #[arg(long, env = "MILVUS_SIDECAR_UPSTREAM_TLS_CA", value_parser = crate::tls::parse_ca_file)]
+    pub upstream_tls_ca: Option<crate::tls::CaFile>,
+
+    /// Name the upstream's certificate is checked against (and sent as SNI), instead of
+    /// the host in --upstream.
+    #[arg(long, env = "MILVUS_SIDECAR_UPSTREAM_TLS_SERVER_NAME", value_parser = crate::tls::parse_server_name)]
+    pub upstream_tls_server_name: Option<String>,
+}
+
+impl UpstreamTlsArgs {
+    pub fn is_set(&self) -> bool {
+        self.upstream_tls_ca.is_some() || self.upstream_tls_server_name.is_some()
+    }
+}
+
+/// Bounds on what one client can hold of the sidecar.
+#[derive(Debug, Clone, Args)]
+pub struct ListenerLimits {
+    /// Client connections served at once. Past it, new connections wait in the listen
+    /// backlog (not accepted) until one closes.
+    #[arg(long, env = "MILVUS_SIDECAR_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Calls (HTTP/2 streams) in flight on one client connection; the client is told this
+    /// limit and queues its further calls.
+    #[arg(long, env = "MILVUS_SIDECAR_MAX_CONCURRENT_STREAMS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Largest header block (decoded, as HTTP/2 counts it) of one call; larger ones are refused.
+    #[arg(long, env = "MILVUS_SIDECAR_MAX_HEADER_LIST_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_header_list_bytes: u32,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits { max_connections: 4096, max_concurrent_streams: 1024, max_header_list_bytes: 64 * 1024 }
+    }
 }
 
 /// What the sidecar tells its operators: the per-call log and the metrics' labels.
@@ -328,6 +424,9 @@ impl Config {
             },
             auth: AuthArgs { no_auth: true, ..AuthArgs::default() },
             telemetry: TelemetryArgs { metrics_collection_limit: 20, ..TelemetryArgs::default() },
+            tls: TlsArgs::default(),
+            upstream_tls: UpstreamTlsArgs::default(),
+            limits: ListenerLimits::default(),
         }
     }
 }
@@ -335,9 +434,8 @@ impl Config {
 fn parse_upstream(s: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = s.parse().map_err(|e| format!("{e}"))?;
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(_)) => Ok(uri),
-        (Some("https"), _) => Err("TLS to the upstream is not supported yet; use http://".into()),
-        _ => Err(format!("expected http://HOST:PORT, got {s:?}")),
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => Err(format!("expected http://HOST:PORT or https://HOST:PORT, got {s:?}")),
     }
 }
 
@@ -560,7 +658,7 @@ mod tests {
     fn upstream_must_be_plain_http_with_an_authority() {
         assert!(parse_upstream("http://milvus:19530").is_ok());
         assert!(parse_upstream("milvus:19530").is_err());
-        assert!(parse_upstream("https://milvus:19530").is_err());
+        assert!(parse_upstream("https://milvus:19530").is_ok());
         assert!(parse_upstream("http:///x").is_err());
     }
 
@@ -574,5 +672,8 @@ mod tests {
         assert_eq!(cfg.upstream, "http://127.0.0.1:19530");
         assert_eq!(cfg.max_message_bytes, 268_435_456);
         assert_eq!(cfg.upstream_timeout, None);
+        let local = Config::local(cfg.upstream.clone());
+        assert_eq!(format!("{:?}", cfg.tls), format!("{:?}", local.tls), "TlsArgs::default matches the flags");
+        assert_eq!(format!("{:?}", cfg.limits), format!("{:?}", local.limits));
     }
 }

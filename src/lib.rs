@@ -15,6 +15,7 @@ pub mod settings;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;
 
 pub use app::App;
 pub use server::{Running, start};

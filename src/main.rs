@@ -96,7 +96,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let mut client = milvus_sidecar::store::connect(&args.database.pg_config()?)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {}", milvus_sidecar::error_chain(&e)))?;
-    let upstream = milvus_sidecar::sync::upstream(&args.upstream, args.upstream_credential.clone());
+    let upstream = milvus_sidecar::sync::upstream_for(&args);
     let report = milvus_sidecar::sync::run(&upstream, &mut client).await?;
     println!("synced the mirror with Milvus at {}", upstream.name());
     print!("{report}");

@@ -1,6 +1,8 @@
 //! Binding the listeners, accepting connections, and draining on shutdown.
 
 use std::io;
+
+use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,16 +11,17 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::auth::authority::Authority;
-use crate::config::Config;
+use crate::config::{Config, ListenerLimits};
 use crate::proxy::Proxy;
 use crate::record::Recorder;
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
+use crate::tls::ServerTls;
 
 /// A started sidecar. Dropping it leaves it running; call [`Running::shutdown`] to drain.
 pub struct Running {
@@ -38,6 +41,7 @@ pub async fn start(
     settings: Arc<Settings>,
     auth: Option<Arc<Authority>>,
 ) -> io::Result<Running> {
+    let tls = client_transport(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:#}")))?;
     let listener = bind(config.listen, "client").await?;
     let admin_listener = bind(config.admin_listen, "admin").await?;
     let listen_addr = listener.local_addr()?;
@@ -48,7 +52,10 @@ pub async fn start(
     let draining = Arc::new(AtomicBool::new(false));
     let admin =
         tokio::spawn(admin::serve(admin_listener, proxy.upstream().clone(), telemetry, draining.clone(), stop.clone()));
-    let grpc = tokio::spawn(serve_grpc(listener, proxy, stop, config.drain_timeout));
+    if let Some(tls) = &tls {
+        tls.clone().watch(config.tls.tls_reload_interval, stop.clone());
+    }
+    let grpc = tokio::spawn(serve_grpc(listener, proxy, tls, config.limits.clone(), stop, config.drain_timeout));
     Ok(Running { listen_addr, admin_addr, shutdown, draining, grpc, admin })
 }
 
@@ -69,16 +76,77 @@ async fn bind(addr: SocketAddr, what: &str) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen for {what} connections on {addr}: {e}")))
 }
 
-async fn serve_grpc(listener: TcpListener, proxy: Proxy, mut stop: watch::Receiver<bool>, drain_timeout: Duration) {
+/// TLS for the client listener, or None for plaintext, which is allowed only on a loopback
+/// address or with `--plaintext`. Says in the log which one is in force.
+fn client_transport(config: &Config) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    if config.upstream.scheme_str() != Some("https") && config.upstream_tls.is_set() {
+        anyhow::bail!("--upstream-tls-ca / --upstream-tls-server-name need an https:// --upstream");
+    }
+    let listen = config.listen;
+    let tls = ServerTls::load(&config.tls).context("cannot load the client listener's TLS files")?;
+    match &tls {
+        Some(tls) => tracing::info!(%listen, files = %tls.describe(), "client listener: TLS 1.2+ (h2)"),
+        None if listen.ip().is_loopback() => {
+            tracing::info!(%listen, "client listener: PLAINTEXT (loopback address only)")
+        }
+        None if config.tls.plaintext => tracing::warn!(
+            %listen,
+            "client listener: PLAINTEXT on a network address (--plaintext): credentials and data travel unencrypted"
+        ),
+        None => anyhow::bail!(
+            "refusing to serve clients on {listen} without TLS: credentials would cross the network in clear text. \
+             Give a certificate (--tls-cert and --tls-key, or MILVUS_SIDECAR_TLS_CERT and MILVUS_SIDECAR_TLS_KEY), \
+             listen on a loopback address, or accept plaintext explicitly with --plaintext (MILVUS_SIDECAR_PLAINTEXT=true)"
+        ),
+    }
+    Ok(tls)
+}
+
+/// Longest a client may take to finish its TLS handshake before its connection is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_grpc(
+    listener: TcpListener,
+    proxy: Proxy,
+    tls: Option<Arc<ServerTls>>,
+    limits: ListenerLimits,
+    mut stop: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         // Large inserts need big windows and frames to stream at loopback speed.
         .adaptive_window(true)
         .max_frame_size(1 << 20)
-        .max_header_list_size(64 * 1024);
+        .max_header_list_size(limits.max_header_list_bytes)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A peer that vanished without closing (a dead host, a cut network) would hold one of
+        // the --max-connections slots forever: pings find it within 80 s.
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
+    // One permit per open connection: when none is left, the loop stops accepting and new
+    // connections wait in the kernel's listen backlog until one closes.
+    let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let mut warned_full = false;
     loop {
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if !warned_full {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached; new connections wait"
+                    );
+                    warned_full = true;
+                }
+                tokio::select! {
+                    permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    _ = stop.changed() => break,
+                }
+            }
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -91,10 +159,31 @@ async fn serve_grpc(listener: TcpListener, proxy: Proxy, mut stop: watch::Receiv
             },
             _ = stop.changed() => break,
         };
+        if connections.available_permits() > 0 {
+            warned_full = false;
+        }
         let _ = stream.set_nodelay(true);
-        let conn = graceful.watch(http2.serve_connection(TokioIo::new(stream), proxy.for_peer(peer)));
+        let service = proxy.for_peer(peer);
+        let watcher = graceful.watcher();
+        let http2 = http2.clone();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _permit = permit;
+            let served = match acceptor {
+                None => watcher.watch(http2.serve_connection(TokioIo::new(stream), service)).await,
+                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => watcher.watch(http2.serve_connection(TokioIo::new(stream), service)).await,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}; closed");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
         });

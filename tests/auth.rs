@@ -177,6 +177,48 @@ async fn grants_decide_and_refusals_never_reach_milvus() {
 }
 
 #[tokio::test]
+async fn a_repeated_db_name_is_authorized_as_milvus_reads_it_the_last_one() {
+    let s = setup().await;
+    // db_name "default" (where alice may read docs), then db_name "" again: Milvus keeps the
+    // last value, finds it empty and takes the database from the `dbname` header instead.
+    let mut body = encode(&SearchRequest {
+        db_name: "default".into(),
+        collection_name: "docs".into(),
+        nq: 1,
+        ..Default::default()
+    })
+    .to_vec();
+    body.extend_from_slice(&[0x12, 0x00]);
+    let mut client = RawClient::connect(s.app.running.listen_addr).await;
+    let mut request = tonic::Request::new(Bytes::from(body));
+    request.metadata_mut().insert("authorization", token("alice:alice-pw"));
+    request.metadata_mut().insert("dbname", MetadataValue::from_static("other"));
+    let status = client.unary_with("Search", request).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "PrivilegeSearch: permission deny to alice on collection other.docs");
+    assert_eq!(s.upstream.count("Search"), 0);
+
+    // A listing names two databases: Milvus lists the last one's, so that is the one the
+    // names are filtered against (alice may read default.docs, nothing in other).
+    s.upstream.reply_with(
+        "ShowCollections",
+        encode(&ShowCollectionsResponse {
+            status: Some(MilvusStatus::default()),
+            collection_names: vec!["docs".into(), "secret".into()],
+            ..Default::default()
+        }),
+    );
+    let mut body = vec![0x12, 7];
+    body.extend_from_slice(b"default");
+    body.extend_from_slice(&[0x12, 5]);
+    body.extend_from_slice(b"other");
+    let listed = call(&s, "ShowCollections", Some("alice:alice-pw"), Bytes::from(body)).await.unwrap();
+    let listed: ShowCollectionsResponse = prost013::Message::decode(listed).unwrap();
+    assert!(listed.collection_names.is_empty(), "other.docs is not alice's: {:?}", listed.collection_names);
+    s.app.shutdown().await;
+}
+
+#[tokio::test]
 async fn creators_administer_their_collections_at_once_and_listings_are_filtered() {
     let s = setup().await;
     let alice = Some("alice:alice-pw");

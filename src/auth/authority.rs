@@ -274,6 +274,11 @@ impl Authority {
         password: Option<String>,
         known_hash: Option<&str>,
     ) -> Result<(Principal, Option<Arc<str>>), AuthError> {
+        // PostgreSQL text cannot hold NUL, so no such user exists (and asking would be an
+        // error, which must not read as "PostgreSQL unavailable").
+        if name.contains('\0') {
+            return Err(AuthError::Unauthenticated(identity::BAD_PASSWORD));
+        }
         let row = self
             .query_opt("SELECT id, role, is_active, password_hash FROM users WHERE username = $1", &[&name])
             .await?;

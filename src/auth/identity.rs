@@ -41,6 +41,16 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential, &'static str> {
     }
 }
 
+/// The database the `dbname` header names: Milvus's `default` when it is absent, empty or
+/// not visible ASCII.
+pub fn database(headers: &HeaderMap) -> &str {
+    headers
+        .get("dbname")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .unwrap_or(crate::facts::DEFAULT_DATABASE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

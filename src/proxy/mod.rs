@@ -7,7 +7,7 @@ mod error;
 pub mod grpc;
 mod inspect;
 mod observe;
-mod rewrite;
+pub mod rewrite;
 mod upstream;
 
 use std::convert::Infallible;
@@ -30,7 +30,7 @@ pub use upstream::{Deadline, Upstream};
 use crate::auth::authority::{Authority, Principal};
 use crate::auth::policy::Role;
 use crate::config::Config;
-use crate::facts::{CallFacts, Client, DEFAULT_DATABASE, Method, Outcome};
+use crate::facts::{CallFacts, Client, Method, Outcome};
 use crate::milvus::access::{self, Access, MethodRule};
 use crate::milvus::{Rpc, views, wire};
 use crate::record::Recorder;
@@ -189,7 +189,7 @@ impl Shared {
                     return answer_ourselves(call, refusal.into());
                 }
                 if listing {
-                    database_in_body = wire::strings(&message, 2).and_then(|v| v.first().map(|s| s.to_string()));
+                    database_in_body = wire::strings(&message, 2).and_then(|v| v.last().map(|s| s.to_string()));
                 }
             }
             Body::Full(Some(bytes))
@@ -301,8 +301,7 @@ impl Shared {
         started: Instant,
     ) -> InFlight {
         let headers = &parts.headers;
-        let database =
-            headers.get("dbname").and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).unwrap_or(DEFAULT_DATABASE);
+        let database = crate::auth::identity::database(headers);
         // The path and header values point into the connection's read buffer: the record,
         // which may wait in the writer's queue, gets copies rather than pin that buffer.
         let path = parts
@@ -353,7 +352,9 @@ fn targets(rule: Option<MethodRule>, message: &[u8], default_database: &str) -> 
     let Some(MethodRule { access: Access::Collection { target, .. }, .. }) = rule else { return Some(Vec::new()) };
     let database = match target.database_field {
         0 => None,
-        n => wire::strings(message, n)?.into_iter().rfind(|d| !d.is_empty()),
+        // The last value, as Milvus (like any protobuf reader) keeps it; an empty one means
+        // "the database in the header", as in Milvus, even after a non-empty one.
+        n => wire::strings(message, n)?.into_iter().next_back().filter(|d| !d.is_empty()),
     }
     .unwrap_or(default_database);
     let names = wire::strings(message, target.collection_field)?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -26,7 +27,8 @@ pub struct Deadline {
 
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    /// Plain HTTP/2 for an `http://` upstream, TLS for `https://`.
+    client: Client<HttpsConnector<HttpConnector>, Body>,
     scheme: Scheme,
     authority: Authority,
     /// The configured address, for messages that tell the caller what was unreachable.
@@ -49,6 +51,17 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.upstream_connect_timeout));
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.enforce_http(false); // https:// URIs go through it to the TLS layer
+        let tls = HttpsConnectorBuilder::new()
+            .with_tls_config(crate::tls::upstream_client_config(&config.upstream_tls))
+            .https_or_http();
+        let tls = match &config.upstream_tls.upstream_tls_server_name {
+            Some(name) => tls.with_server_name_resolver(FixedServerNameResolver::new(
+                rustls::pki_types::ServerName::try_from(name.clone()).expect("the server name was checked when parsed"),
+            )),
+            None => tls,
+        };
+        let connector = tls.enable_http2().wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())

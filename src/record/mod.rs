@@ -3,6 +3,7 @@
 //! path, so it never blocks and never waits for PostgreSQL.
 
 pub mod rows;
+mod scrub;
 mod spill;
 mod writer;
 

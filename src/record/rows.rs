@@ -26,7 +26,8 @@ pub struct Record {
 
 impl Record {
     /// None when the settings switch off every row this call would produce.
-    pub fn from_facts(f: CallFacts, settings: &Settings) -> Option<Record> {
+    pub fn from_facts(mut f: CallFacts, settings: &Settings) -> Option<Record> {
+        super::scrub::facts(&mut f);
         let method = f.method.name().to_owned();
         let success = f.outcome.is_success();
         let call = CallRow {
@@ -425,7 +426,10 @@ pub fn read_schema(bytes: &[u8]) -> (Option<i32>, Value, String) {
             Value::Object(out)
         })
         .collect();
-    (dimension, Value::Array(fields), schema.description)
+    let (mut fields, mut description) = (Value::Array(fields), schema.description);
+    super::scrub::json(&mut fields);
+    super::scrub::string(&mut description);
+    (dimension, fields, description)
 }
 
 fn pairs_json(pairs: &[(String, String)]) -> Value {

@@ -135,7 +135,11 @@ impl Writer {
                 pending.clear();
             }
             Err(WriteError::Transient(reason)) => {
-                tracing::warn!(%reason, records = pending.len(), "PostgreSQL unavailable: spilling records to disk until it returns");
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    records = pending.len(),
+                    "PostgreSQL unavailable: spilling records to disk until it returns"
+                );
                 self.spill_out(pending).await;
             }
             Err(WriteError::Rejected(reason)) => self.reject(pending, &reason).await,
@@ -158,7 +162,8 @@ impl Writer {
 
     async fn reject(&mut self, records: &mut Vec<Record>, reason: &str) {
         self.stats.records_rejected.fetch_add(records.len() as u64, Ordering::Relaxed);
-        tracing::error!(%reason, records = records.len(), path = %self.spill.rejected_path().display(),
+        // Quoted and escaped: PostgreSQL's message may quote a client's string.
+        tracing::error!(reason, records = records.len(), path = %self.spill.rejected_path().display(),
             "PostgreSQL refused a batch; kept in the rejected file");
         if let Err(e) = self.spill.reject(records).await {
             self.stats.records_dropped.fetch_add(records.len() as u64, Ordering::Relaxed);

@@ -116,6 +116,14 @@ pub fn upstream(uri: &http::Uri, credential: Option<String>) -> Upstream {
     Upstream::new(&config)
 }
 
+/// The upstream `milvus-sidecar sync` reads, TLS settings included.
+pub fn upstream_for(args: &crate::config::SyncArgs) -> Upstream {
+    let mut config = Config::local(args.upstream.clone());
+    config.auth.upstream_credential.clone_from(&args.upstream_credential);
+    config.upstream_tls = args.upstream_tls.clone();
+    Upstream::new(&config)
+}
+
 /// Delays between attempts of the start-up sync: Milvus often starts after the sidecar.
 const RETRY_DELAYS: &[u64] = &[2, 4, 8, 16, 30, 60, 60, 60, 60];
 

@@ -25,7 +25,9 @@ pub fn write(f: &CallFacts, access_log: bool) {
                     $level,
                     id = %f.id,
                     method = f.method.name(),
-                    database = %f.database,
+                    // Strings from clients go in quoted and escaped (`?`-style: str values
+                    // are recorded with Debug), never raw: no escape sequences, no forged lines.
+                    database = f.database.as_str(),
                     collection = f.request.collection.as_deref(),
                     partitions = ?f.request.partitions,
                     nq,

@@ -3,6 +3,7 @@
 //! in-process in front of whichever upstream a test picks.
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod certs;
 pub mod fake;
 pub mod lite;
 pub mod pg;
@@ -72,10 +73,7 @@ impl Sidecar {
         config.drain_timeout = Duration::from_secs(5);
         tweak(&mut config);
         let captured = Arc::new(Captured::default());
-        let telemetry = Arc::new(milvus_sidecar::telemetry::Telemetry::new(&config.telemetry));
-        let running = milvus_sidecar::start(config, captured.clone(), telemetry, Default::default(), None)
-            .await
-            .expect("sidecar starts");
+        let running = start(config, captured.clone()).await.expect("sidecar starts");
         Sidecar { running, captured }
     }
 
@@ -233,6 +231,12 @@ pub fn milvus_proto_dir() -> std::path::PathBuf {
     std::path::Path::new(manifest).parent().unwrap().join("milvus-proto/proto")
 }
 
+/// Starts the proxy alone (no PostgreSQL), recording into `recorder`.
+pub async fn start(config: Config, recorder: Arc<Captured>) -> std::io::Result<milvus_sidecar::Running> {
+    let telemetry = Arc::new(milvus_sidecar::telemetry::Telemetry::new(&config.telemetry));
+    milvus_sidecar::start(config, recorder, telemetry, Default::default(), None).await
+}
+
 /// A minimal HTTP/1.1 GET, enough for the admin endpoints.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -243,4 +247,23 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let code = raw[9..12].parse().unwrap();
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (code, body)
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("milvus-sidecar-{tag}-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }

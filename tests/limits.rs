@@ -1,0 +1,150 @@
+//! What one client can hold of the sidecar: header block size, calls in flight on one
+//! connection, connections at once, and message size.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::fake::FakeUpstream;
+use common::{RawClient, RawCodec, SERVICE, Sidecar, framed, path};
+use http_body_util::BodyExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// One call over a fresh bare HTTP/2 connection with one extra header of `size` bytes.
+/// Returns the HTTP status and grpc-status, or the error that ended the call.
+async fn call_with_header(addr: std::net::SocketAddr, size: usize) -> Result<(u16, Option<String>), String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = http::Request::post(format!("http://{addr}{SERVICE}Echo"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-padding", "a".repeat(size))
+        .body(http_body_util::Full::new(framed(b"\x0a\x01x")))
+        .unwrap();
+    let reply = send.send_request(request).await.map_err(|e| milvus_sidecar::error_chain(&e))?;
+    let status = reply.status().as_u16();
+    let (parts, body) = reply.into_parts();
+    let mut headers = parts.headers;
+    if let Ok(collected) = body.collect().await
+        && let Some(trailers) = collected.trailers()
+    {
+        headers.extend(trailers.clone());
+    }
+    Ok((status, headers.get("grpc-status").map(|v| v.to_str().unwrap().to_owned())))
+}
+
+#[tokio::test]
+async fn a_header_block_over_the_limit_is_refused_and_the_sidecar_serves_on() {
+    let upstream = FakeUpstream::start().await;
+    let sidecar = Sidecar::start_with(upstream.addr, |c| c.limits.max_header_list_bytes = 8 * 1024).await;
+
+    let small = call_with_header(sidecar.addr(), 1024).await.expect("a small header block passes");
+    assert_eq!(small, (200, Some("0".into())));
+
+    let big = call_with_header(sidecar.addr(), 64 * 1024).await;
+    assert!(!matches!(big, Ok((200, _))), "a 64 KiB header block over an 8 KiB limit is refused: {big:?}");
+    assert_eq!(upstream.count("Echo"), 1, "the refused call never reaches Milvus");
+
+    call_with_header(sidecar.addr(), 1024).await.expect("later calls are served");
+    assert_eq!(upstream.count("Echo"), 2);
+}
+
+#[tokio::test]
+async fn calls_beyond_the_stream_limit_of_a_connection_wait_for_a_free_stream() {
+    let upstream = FakeUpstream::start().await;
+    let sidecar = Sidecar::start_with(upstream.addr, |c| c.limits.max_concurrent_streams = 2).await;
+    let client = sidecar.raw_client().await;
+    // Prime the connection so the client has the server's SETTINGS.
+    client.clone().unary("Echo", Bytes::from_static(b"\x0a\x01x")).await.unwrap();
+
+    let started = Instant::now();
+    let calls = (0..6).map(|_| {
+        let mut client = client.clone();
+        async move {
+            let mut request = tonic::Request::new(Bytes::from_static(b"\x0a\x01x"));
+            request.metadata_mut().insert("x-fake-delay-ms", "300".parse().unwrap());
+            client.unary_with("Echo", request).await
+        }
+    });
+    for result in futures::future::join_all(calls).await {
+        result.expect("every call completes");
+    }
+    // Six 300 ms calls, two at a time on the one connection: three rounds.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(850), "calls ran more than two at a time: {took:?}");
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let upstream = FakeUpstream::start().await;
+    let sidecar = Sidecar::start_with(upstream.addr, |c| c.limits.max_connections = 1).await;
+    let mut first = sidecar.raw_client().await;
+    first.unary("Echo", Bytes::from_static(b"\x0a\x01a")).await.unwrap();
+
+    // A second connection is not served while the first is open...
+    let addr = sidecar.addr();
+    let second = tokio::spawn(async move {
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        grpc.unary(tonic::Request::new(Bytes::from_static(b"\x0a\x01b")), path("Echo"), RawCodec).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the second connection waits");
+    assert_eq!(upstream.count("Echo"), 1);
+
+    // ...and is once the first closes.
+    drop(first);
+    let reply = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served after the first closed");
+    reply.unwrap().expect("the waiting call succeeds");
+    assert_eq!(upstream.count("Echo"), 2);
+}
+
+#[tokio::test]
+async fn an_over_limit_message_is_refused_naming_the_limit_before_it_is_read() {
+    let upstream = FakeUpstream::start().await;
+    let sidecar = Sidecar::start_with(upstream.addr, |c| c.max_message_bytes = 1024).await;
+    let mut client: RawClient = sidecar.raw_client().await;
+
+    // A Search body that only declares 100 MiB: the refusal comes from the 5-byte header, so
+    // the sidecar never waits for (or buffers) the rest.
+    let addr = sidecar.addr();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (mut tx, body) = futures::channel::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
+    let request = http::Request::post(format!("http://{addr}{SERVICE}Search"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(body))
+        .unwrap();
+    let mut header = vec![0u8];
+    header.extend_from_slice(&(100u32 << 20).to_be_bytes());
+    futures::SinkExt::send(&mut tx, Ok(hyper::body::Frame::data(Bytes::from(header)))).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), send.send_request(request))
+        .await
+        .expect("answered without waiting for the 100 MiB")
+        .unwrap();
+    let status = tonic::Status::from_header_map(reply.headers()).expect("a trailers-only gRPC status");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("104857600 bytes exceeds the sidecar's limit of 1024"), "{}", status.message());
+    assert!(status.message().contains("--max-message-bytes"), "names the setting: {}", status.message());
+    drop(tx);
+
+    // Within the limit, the same method passes.
+    client.unary("Search", Bytes::from_static(b"\x1a\x01c")).await.expect("a small Search is forwarded");
+    assert_eq!(upstream.count("Search"), 1);
+}
