@@ -72,7 +72,7 @@ impl Pending {
         let mut call = self.0.take()?;
         call.facts.outcome = outcome;
         call.finished = true;
-        call.complete()
+        call.complete(true)
     }
 
     /// Whether this call's status must wait for its records (durable recorder).
@@ -82,7 +82,7 @@ impl Pending {
 
     /// Records the call now; with a durable recorder, returns what to wait for.
     fn complete_now(&mut self) -> Option<Receipt> {
-        self.0.take().and_then(|call| call.complete())
+        self.0.take().and_then(|call| call.complete(true))
     }
 
     /// For replies the sidecar sends itself: the bytes it sent.
@@ -100,7 +100,9 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         // Nobody is left to wait for a receipt: the client is gone or already answered.
-        drop(self.complete_now());
+        if let Some(call) = self.0.take() {
+            call.complete(false);
+        }
     }
 }
 
@@ -152,8 +154,9 @@ impl InFlight {
         }
     }
 
-    /// Records the call. A durable recorder returns the receipt to wait for.
-    fn complete(mut self: Box<Self>) -> Option<Receipt> {
+    /// Records the call. With `wait` and a durable recorder, returns the receipt to wait
+    /// for; without, the record is queued as usual (a full queue drops it, counted).
+    fn complete(mut self: Box<Self>, wait: bool) -> Option<Receipt> {
         if !self.finished {
             self.facts.outcome =
                 Outcome::grpc(Code::Cancelled, "the client cancelled the call before its reply was complete");
@@ -163,7 +166,7 @@ impl InFlight {
             self.facts.request_bytes = seen.load(std::sync::atomic::Ordering::Relaxed);
         }
         self.facts.duration = self.started.elapsed();
-        if self.recorder.durable() {
+        if wait && self.recorder.durable() {
             Some(self.recorder.record_durably(self.facts))
         } else {
             self.recorder.record(self.facts);
