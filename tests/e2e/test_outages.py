@@ -17,7 +17,7 @@ import pytest
 from load import Expected, Worker, recorded_filters, recorded_inserts, setup_collections, wait_until_stable
 from pgdb import Db, conn_params, url_with_db
 from relay import Relay
-from services import ROOT_PASSWORD, log_tail, run_cli, start_milvus_lite, start_sidecar, stop_sidecar_checked
+from services import log_tail, run_cli, start_milvus_lite, start_sidecar, stop_sidecar_checked
 
 THREADS = 3
 RATE = 25.0  # calls per second per worker
