@@ -18,7 +18,6 @@ from __future__ import annotations
 import signal
 import time
 
-
 from load import Expected, Worker, recorded_filters, recorded_inserts, setup_collections, wait_until_stable
 from pgdb import Db, conn_params
 from relay import Relay
