@@ -27,7 +27,8 @@ use crate::facts::{CallFacts, Outcome};
 use crate::milvus::{Reply, views};
 use crate::record::{NotDurable, Receipt, Recorder};
 
-/// A call whose facts will be recorded exactly once, when this is dropped.
+/// A call whose facts will be recorded exactly once: when it is dropped, or earlier when it
+/// is finished (or, with a durable recorder, when its status arrives).
 pub struct Pending(Option<Box<InFlight>>);
 
 pub struct InFlight {
