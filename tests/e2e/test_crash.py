@@ -18,16 +18,27 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from load import Expected, Worker, recorded_filters, recorded_inserts, setup_collections, wait_until_stable
 from pgdb import Db, conn_params
 from relay import Relay
-from services import start_sidecar, stop_sidecar_checked
+from services import start_milvus_lite, start_sidecar, stop_sidecar_checked
 
 THREADS = 6
 LOAD_SECONDS = 4.0
 # Default mode: a missing call must have ended at most this long before the kill (the
 # flush interval is 20 ms; the rest is room for a slow, shared machine).
 DEFAULT_MODE_WINDOW = 1.0
+
+
+@pytest.fixture(scope="module")
+def milvus_lite(binaries, e2e_dir):
+    """A milvus-lite of this module's own (it overrides the session's): the collections and
+    the load made here must not reach the other tests."""
+    svc = start_milvus_lite(binaries["milvus_lite"], e2e_dir / "crash-milvus-data", e2e_dir / "crash-milvus-lite.log")
+    yield svc
+    svc.stop(15)
 
 
 def kill_under_load(binaries, milvus_lite, e2e_dir, new_database, name: str, durable: bool,
