@@ -89,7 +89,7 @@ def kill_under_load(binaries, milvus_lite, e2e_dir, new_database, name: str, dur
 
     expected = Expected.of(calls)
     ok = [c for c in calls if c.ok]
-    assert len(ok) > 100, f"too little load to prove anything: {len(ok)} calls succeeded"
+    assert len(ok) > 50, f"too little load to prove anything: {len(ok)} calls succeeded"
     assert all(c.ended <= killed_at + 0.5 for c in ok), "a call succeeded with the sidecar dead"
     missing = [c for f, c in expected.queries.items() if c.ok and f not in found]
     missing_inserts = {k: n - inserts[k] for k, n in expected.inserts_ok.items() if n > inserts[k]}
