@@ -166,6 +166,11 @@ pub struct RecordingArgs {
     /// Directory of the spill file that keeps records while PostgreSQL is unreachable.
     #[arg(long, env = "MILVUS_SIDECAR_SPILL_DIR", default_value = "/tmp/milvus-sidecar-spill")]
     pub spill_dir: std::path::PathBuf,
+
+    /// A call's reply ends (its status reaches the client) only once its records are
+    /// durable: committed to PostgreSQL, or written and fsynced to the spill file.
+    #[arg(long, env = "MILVUS_SIDECAR_DURABLE_RECORDS")]
+    pub durable_records: bool,
 }
 
 /// Everything `serve` needs. Tests build it with [`Config::local`].
@@ -421,6 +426,7 @@ impl Config {
                 batch_rows: 2_000,
                 flush_interval: Duration::from_millis(20),
                 spill_dir: std::env::temp_dir().join("milvus-sidecar-spill"),
+                durable_records: false,
             },
             auth: AuthArgs { no_auth: true, ..AuthArgs::default() },
             telemetry: TelemetryArgs { metrics_collection_limit: 20, ..TelemetryArgs::default() },

@@ -57,6 +57,7 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
         batch_rows: 2_000,
         flush_interval: Duration::from_millis(20),
         spill_dir: spill_dir.clone(),
+        durable_records: false,
     };
     let recording = Recording::start(store::pool(pg, 4), settings, &args).await?;
     let template = search_facts(user, collection);

@@ -10,6 +10,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::observe::Observed;
+use crate::record::Receipt;
 
 /// Every variant is `Unpin`, so polling needs no pin projection.
 #[derive(Default)]
@@ -23,8 +24,9 @@ pub enum Body {
     Raw { inner: Incoming, seen: Arc<AtomicU64> },
     /// A reply streamed back to the client while it is being observed.
     Observed(Observed),
-    /// A reply the sidecar rewrote (a filtered listing): its message, then its trailers.
-    Complete { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
+    /// A reply the sidecar composed or rewrote (a filtered listing): its message, then its
+    /// trailers, which wait for `receipt` when there is one (durable recorder).
+    Complete { data: Option<Bytes>, receipt: Option<Receipt>, trailers: Option<http::HeaderMap> },
 }
 
 impl http_body::Body for Body {
@@ -45,10 +47,20 @@ impl http_body::Body for Body {
                 polled
             }
             Body::Observed(inner) => Pin::new(inner).poll_frame(cx),
-            Body::Complete { data, trailers } => Poll::Ready(match data.take() {
-                Some(d) => Some(Ok(Frame::data(d))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
-            }),
+            Body::Complete { data, receipt, trailers } => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                if let Some(waiting) = receipt {
+                    let durable = std::task::ready!(waiting.as_mut().poll(cx));
+                    *receipt = None;
+                    if let Err(e) = durable {
+                        trailers.take();
+                        return Poll::Ready(Some(Ok(super::observe::not_durable(e))));
+                    }
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
         }
     }
 
@@ -58,7 +70,7 @@ impl http_body::Body for Body {
             Body::Full(data) => data.is_none(),
             Body::Raw { inner, .. } => inner.is_end_stream(),
             Body::Observed(inner) => inner.is_end_stream(),
-            Body::Complete { data, trailers } => data.is_none() && trailers.is_none(),
+            Body::Complete { data, receipt, trailers } => data.is_none() && receipt.is_none() && trailers.is_none(),
         }
     }
 

@@ -222,9 +222,9 @@ impl Shared {
             let database = database_in_body.filter(|d| !d.is_empty()).unwrap_or_else(|| call.facts.database.clone());
             return self.filtered_listing(reply, call, auth, principal, database).await;
         }
-        let (parts, inner) = reply.into_parts();
+        let (mut parts, inner) = reply.into_parts();
         let upstream = self.upstream.name().clone();
-        let observed = Observed::new(parts.status, &parts.headers, inner, Pending::new(call), upstream);
+        let observed = Observed::new(parts.status, &mut parts.headers, inner, Pending::new(call), upstream);
         Response::from_parts(parts, Body::Observed(observed))
     }
 
@@ -273,8 +273,8 @@ impl Shared {
         parts.headers.remove("grpc-encoding");
         let mut pending = Pending::new(call);
         pending.set_sizes(body.len() as u64);
-        pending.finish(outcome.unwrap_or_default());
-        Response::from_parts(parts, Body::Complete { data: Some(body), trailers })
+        let receipt = pending.finish(outcome.unwrap_or_default());
+        Response::from_parts(parts, Body::Complete { data: Some(body), receipt, trailers })
     }
 
     /// The client's deadline, capped by `max_query_timeout` for searches and queries. A cap
@@ -364,6 +364,8 @@ fn targets(rule: Option<MethodRule>, message: &[u8], default_database: &str) -> 
 /// Ends a call with the sidecar's own status, recorded like any other outcome.
 fn answer_ourselves(call: InFlight, refusal: ProxyError) -> Response<Body> {
     let status = refusal.to_status();
-    Pending::new(call).finish(Outcome::grpc(status.code(), status.message()));
-    status.into_http()
+    match Pending::new(call).finish(Outcome::grpc(status.code(), status.message())) {
+        None => status.into_http(),
+        Some(receipt) => observe::held_status(&status, receipt),
+    }
 }

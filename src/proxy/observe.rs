@@ -4,6 +4,11 @@
 //! message is gathered on the side to be read through a view once the call is over. The
 //! facts are recorded when the call ends, however it ends: completed, broken off by the
 //! upstream, or abandoned by the client (the body is dropped).
+//!
+//! With a durable recorder (`--durable-records`) the call is recorded as its status
+//! arrives instead, and the status (the trailers) is held back from the client until the
+//! recorder says the records are durable: a client never sees a call end that a crash of
+//! the sidecar could leave unrecorded.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,10 +25,11 @@ use super::grpc::{self, Gathered};
 use crate::auth::authority::{Authority, Principal};
 use crate::facts::{CallFacts, Outcome};
 use crate::milvus::{Reply, views};
-use crate::record::Recorder;
+use crate::record::{NotDurable, Receipt, Recorder};
 use crate::telemetry::Telemetry;
 
-/// A call whose facts will be recorded exactly once, when this is dropped.
+/// A call whose facts will be recorded exactly once: when it is dropped, or earlier when it
+/// is finished (or, with a durable recorder, when its status arrives).
 pub struct Pending(Option<Box<InFlight>>);
 
 pub struct InFlight {
@@ -66,11 +72,23 @@ impl Pending {
         Pending(Some(Box::new(call)))
     }
 
-    /// Ends the call now with `outcome` (for replies the sidecar composes itself).
-    pub fn finish(mut self, outcome: Outcome) {
-        if let Some(call) = self.0.as_mut() {
-            call.end_with(outcome);
-        }
+    /// Ends the call now with `outcome` (for replies the sidecar composes itself). With a
+    /// durable recorder, the receipt the reply must wait for before its status.
+    #[must_use = "with a durable recorder, the reply's status must wait for the receipt"]
+    pub fn finish(mut self, outcome: Outcome) -> Option<Receipt> {
+        let mut call = self.0.take()?;
+        call.end_with(outcome);
+        call.complete(true)
+    }
+
+    /// Whether this call's status must wait for its records (durable recorder).
+    fn durable(&self) -> bool {
+        self.0.as_ref().is_some_and(|c| c.recorder.durable())
+    }
+
+    /// Records the call now; with a durable recorder, returns what to wait for.
+    fn complete_now(&mut self) -> Option<Receipt> {
+        self.0.take().and_then(|call| call.complete(true))
     }
 
     /// For replies the sidecar sends itself: the bytes it sent.
@@ -87,8 +105,9 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        // Nobody is left to wait for a receipt: the client is gone or already answered.
         if let Some(call) = self.0.take() {
-            call.complete();
+            call.complete(false);
         }
     }
 }
@@ -144,7 +163,9 @@ impl InFlight {
         }
     }
 
-    fn complete(mut self: Box<Self>) {
+    /// Records the call. With `wait` and a durable recorder, returns the receipt to wait
+    /// for; without, the record is queued as usual (a full queue drops it, counted).
+    fn complete(mut self: Box<Self>, wait: bool) -> Option<Receipt> {
         if !self.finished {
             self.facts.outcome =
                 Outcome::grpc(Code::Cancelled, "the client cancelled the call before its reply was complete");
@@ -157,7 +178,12 @@ impl InFlight {
         self.facts.duration = now - self.started;
         let upstream = self.forwarded_at.map(|at| self.upstream_done.unwrap_or(now).saturating_duration_since(at));
         self.telemetry.call_ended(&self.facts, upstream);
-        self.recorder.record(self.facts);
+        if wait && self.recorder.durable() {
+            Some(self.recorder.record_durably(self.facts))
+        } else {
+            self.recorder.record(self.facts);
+            None
+        }
     }
 
     fn read_reply(&mut self, capture: ReplyCapture) {
@@ -183,12 +209,19 @@ pub struct Observed {
     upstream: Arc<str>,
     /// Set after the sidecar ended the stream itself (upstream failure).
     ended: bool,
+    /// Durable recorder: the status of a trailers-only reply, moved out of the headers so
+    /// that it can wait for the call's records like any other trailers.
+    deferred: Option<HeaderMap>,
+    /// Durable recorder: the trailers, held until the call's records are durable.
+    held: Option<(Receipt, Frame<Bytes>)>,
 }
 
 impl Observed {
+    /// `headers` go to the client; with a durable recorder, a status in them (a
+    /// trailers-only reply) is moved to trailers sent after the call's records are durable.
     pub fn new(
         status: http::StatusCode,
-        headers: &HeaderMap,
+        headers: &mut HeaderMap,
         inner: Incoming,
         mut call: Pending,
         upstream: Arc<str>,
@@ -196,18 +229,43 @@ impl Observed {
         if let Some(c) = call.call() {
             c.on_headers(status, headers);
         }
-        Observed { inner, call, upstream, ended: false }
+        let mut deferred = None;
+        if call.durable() && headers.contains_key("grpc-status") {
+            let mut trailers = HeaderMap::new();
+            for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+                if let Some(value) = headers.remove(name) {
+                    trailers.insert(name, value);
+                }
+            }
+            deferred = Some(trailers);
+        }
+        Observed { inner, call, upstream, ended: false, deferred, held: None }
     }
 
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some((receipt, _)) = self.held.as_mut() {
+            let durable = ready!(receipt.as_mut().poll(cx));
+            let (_, trailers) = self.held.take().expect("held above");
+            return Poll::Ready(Some(Ok(match durable {
+                Ok(()) => trailers,
+                Err(e) => not_durable(e),
+            })));
+        }
         if self.ended {
             return Poll::Ready(None);
         }
         let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
-            Some(Err(e)) => return Poll::Ready(Some(Ok(self.broken_off(&e)))),
-            None => return Poll::Ready(None),
+            Some(Err(e)) => {
+                let trailers = self.broken_off(&e);
+                return self.release(trailers, cx);
+            }
+            None => match self.deferred.take() {
+                Some(trailers) => return self.release(Frame::trailers(trailers), cx),
+                None => return Poll::Ready(None),
+            },
         };
+        let mut last = false;
         if let Some(call) = self.call.call() {
             if let Some(data) = frame.data_ref() {
                 call.on_data(data);
@@ -216,9 +274,32 @@ impl Observed {
                     .unwrap_or_else(|| Outcome::grpc(Code::Internal, "upstream ended the reply without a grpc-status"));
                 call.end_with(outcome);
                 call.settle();
+                last = true;
             }
         }
+        if last {
+            return self.release(frame, cx);
+        }
         Poll::Ready(Some(Ok(frame)))
+    }
+
+    /// Sends the reply's last frame (its trailers) now, or, with a durable recorder, once
+    /// the call's records are durable.
+    fn release(
+        &mut self,
+        trailers: Frame<Bytes>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if !self.call.durable() {
+            return Poll::Ready(Some(Ok(trailers)));
+        }
+        match self.call.complete_now() {
+            Some(receipt) => {
+                self.held = Some((receipt, trailers));
+                self.poll_frame(cx)
+            }
+            None => Poll::Ready(Some(Ok(trailers))),
+        }
     }
 
     /// The upstream failed mid-reply: end the client's stream with a proper gRPC status in
@@ -240,10 +321,33 @@ impl Observed {
     }
 
     pub fn is_end_stream(&self) -> bool {
+        if self.held.is_some() || self.deferred.is_some() {
+            return false;
+        }
         self.ended || self.inner.is_end_stream()
     }
 
     pub fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The trailers of a call whose records could not be made durable (durable mode): the
+/// client must not take the call as done and recorded. Milvus did carry it out.
+pub fn not_durable(e: NotDurable) -> Frame<Bytes> {
+    let status = tonic::Status::internal(e.to_string());
+    let mut trailers = HeaderMap::new();
+    let _ = status.add_header(&mut trailers);
+    Frame::trailers(trailers)
+}
+
+/// A reply the sidecar composed itself, for a durable recorder: its status goes in
+/// trailers, sent once `receipt` resolves (a trailers-only reply could not wait).
+pub fn held_status(status: &tonic::Status, receipt: Receipt) -> http::Response<super::Body> {
+    let mut trailers = HeaderMap::new();
+    let _ = status.add_header(&mut trailers);
+    let mut response =
+        http::Response::new(super::Body::Complete { data: None, receipt: Some(receipt), trailers: Some(trailers) });
+    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
 }

@@ -1,15 +1,22 @@
 //! Where call facts go once a call is over: a log line, and (with PostgreSQL) a bounded
 //! queue that the writer task drains into the tables. `record` is called on the request
 //! path, so it never blocks and never waits for PostgreSQL.
+//!
+//! With `--durable-records` the request path does wait, but only at the very end: a call's
+//! status is held back from the client until the writer reports its records durable
+//! (committed, or fsynced to the spill file); see [`Recorder::record_durably`].
 
 pub mod rows;
 mod scrub;
 mod spill;
 mod writer;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::RecordingArgs;
@@ -20,6 +27,34 @@ use crate::store::mirror::Catalog;
 
 pub trait Recorder: Send + Sync + 'static {
     fn record(&self, facts: CallFacts);
+
+    /// Whether a call must wait for its records to be durable before its client sees it
+    /// end (`--durable-records`). When true, the proxy calls [`Recorder::record_durably`]
+    /// as the reply's status arrives and holds the status back until the receipt resolves.
+    fn durable(&self) -> bool {
+        false
+    }
+
+    /// Records `facts`; the receipt resolves once they are durable.
+    fn record_durably(&self, facts: CallFacts) -> Receipt {
+        self.record(facts);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// Resolves once a call's records are durable, or with [`NotDurable`] when they were lost.
+pub type Receipt = Pin<Box<dyn Future<Output = Result<(), NotDurable>> + Send>>;
+
+/// A call's records could not be made durable (the spill file cannot be written, or the
+/// writer stopped).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the sidecar could not record this call durably; Milvus did carry it out")]
+pub struct NotDurable;
+
+/// A call's facts on their way to the writer, with who to tell once they are durable.
+pub(crate) struct Queued {
+    facts: CallFacts,
+    ack: Option<oneshot::Sender<()>>,
 }
 
 /// What the recording pipeline did, for metrics and tests.
@@ -58,8 +93,9 @@ impl Default for Stats {
 
 /// Logs each call and queues it for the PostgreSQL writer.
 pub struct PgRecorder {
-    queue: mpsc::Sender<CallFacts>,
+    queue: mpsc::Sender<Queued>,
     stats: Arc<Stats>,
+    durable: bool,
 }
 
 /// The running writer: call [`Recording::finish`] after the proxy has drained.
@@ -73,7 +109,8 @@ pub struct Recording {
 impl Recording {
     pub async fn start(pool: Pool, settings: Arc<Settings>, args: &RecordingArgs) -> std::io::Result<Recording> {
         let stats = Arc::new(Stats::default());
-        let spill = spill::Spill::open(&args.spill_dir).await?;
+        let durable = args.durable_records;
+        let spill = spill::Spill::open(&args.spill_dir, durable).await?;
         let (queue, rx) = mpsc::channel(args.queue_capacity.max(1));
         let (finish, finished) = oneshot::channel();
         let writer = writer::Writer {
@@ -83,11 +120,20 @@ impl Recording {
             stats: stats.clone(),
             batch_rows: args.batch_rows.max(1),
             queue_capacity: args.queue_capacity.max(1),
-            flush_interval: args.flush_interval,
+            // Callers wait for their records: write what is there at once. Batches still
+            // form by themselves, from the calls that end while the previous one commits.
+            flush_interval: if durable { std::time::Duration::ZERO } else { args.flush_interval },
             catalog: Catalog::default(),
+            acks: Vec::new(),
+            retry_at: tokio::time::Instant::now(),
         };
         let task = tokio::spawn(writer.run(rx, finished));
-        let recorder = Arc::new(PgRecorder { queue, stats: stats.clone() });
+        if durable {
+            tracing::info!(
+                "durable records: a call ends only once its records are committed or fsynced to the spill file"
+            );
+        }
+        let recorder = Arc::new(PgRecorder { queue, stats: stats.clone(), durable });
         Ok(Recording { recorder, stats, finish, task })
     }
 
@@ -107,12 +153,33 @@ impl PgRecorder {
 
 impl Recorder for PgRecorder {
     fn record(&self, facts: CallFacts) {
-        if let Err(e) = self.queue.try_send(facts) {
+        if let Err(e) = self.queue.try_send(Queued { facts, ack: None }) {
             let dropped = self.stats.records_dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // Once per 10 000 so that a stuck writer cannot flood the log as well.
             if dropped % 10_000 == 1 {
                 tracing::error!(dropped, reason = %e, "record queue full: call records are being dropped");
             }
+        }
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
+    /// A full queue is waited on, not dropped from: the caller waits anyway.
+    fn record_durably(&self, facts: CallFacts) -> Receipt {
+        let (ack, acked) = oneshot::channel();
+        let durable = async move { acked.await.map_err(|_| NotDurable) };
+        match self.queue.try_send(Queued { facts, ack: Some(ack) }) {
+            Ok(()) => Box::pin(durable),
+            Err(TrySendError::Full(queued)) => {
+                let queue = self.queue.clone();
+                Box::pin(async move {
+                    queue.send(queued).await.map_err(|_| NotDurable)?;
+                    durable.await
+                })
+            }
+            Err(TrySendError::Closed(_)) => Box::pin(std::future::ready(Err(NotDurable))),
         }
     }
 }

@@ -1,5 +1,9 @@
 //! The spill file: records kept on local disk, in order, while PostgreSQL is unreachable,
 //! and replayed from it when PostgreSQL returns. One JSON document per line.
+//!
+//! What survives what: a record appended here is in the operating system's hands, so a
+//! killed sidecar (even `kill -9`) loses none of it. With `sync` (`--durable-records`) every
+//! append is also fsynced before it counts as done, so it survives a machine crash too.
 
 use std::path::{Path, PathBuf};
 
@@ -15,22 +19,36 @@ pub struct Spill {
     waiting: u64,
     /// Byte offset of the first record not yet replayed.
     replayed_to: u64,
+    /// fsync each append (and the directory, when the file is new).
+    sync: bool,
 }
 
 impl Spill {
     /// Opens the spill directory; records left by an earlier run are replayed first.
-    pub async fn open(dir: &Path) -> std::io::Result<Spill> {
+    /// A line cut short by a crash mid-append is removed, so that the next append does not
+    /// glue a record onto it.
+    pub async fn open(dir: &Path, sync: bool) -> std::io::Result<Spill> {
         tokio::fs::create_dir_all(dir).await?;
         let path = dir.join("records.jsonl");
         let waiting = match tokio::fs::read(&path).await {
-            Ok(bytes) => bytes.iter().filter(|&&b| b == b'\n').count() as u64,
+            Ok(bytes) => {
+                let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                if complete < bytes.len() {
+                    tracing::warn!(bytes = bytes.len() - complete, path = %path.display(),
+                        "the spill file ends in a record cut short by a crash; removing that part");
+                    let file = OpenOptions::new().write(true).open(&path).await?;
+                    file.set_len(complete as u64).await?;
+                    file.sync_all().await?;
+                }
+                bytes[..complete].iter().filter(|&&b| b == b'\n').count() as u64
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
         if waiting > 0 {
             tracing::info!(records = waiting, path = %path.display(), "found records spilled by an earlier run; they will be replayed");
         }
-        Ok(Spill { path, rejected: dir.join("rejected.jsonl"), waiting, replayed_to: 0 })
+        Ok(Spill { path, rejected: dir.join("rejected.jsonl"), waiting, replayed_to: 0, sync })
     }
 
     pub fn waiting(&self) -> u64 {
@@ -38,17 +56,16 @@ impl Spill {
     }
 
     /// Appends records. They are in the operating system's hands when this returns, so a
-    /// killed sidecar loses none; an fsync per batch (surviving a machine crash too) would
-    /// cost more than the PostgreSQL write it stands in for.
+    /// killed sidecar loses none; with `sync` they are on disk (one fsync per batch).
     pub async fn append(&mut self, records: &[Record]) -> std::io::Result<()> {
-        append_lines(&self.path, records).await?;
+        append_lines(&self.path, records, self.sync).await?;
         self.waiting += records.len() as u64;
         Ok(())
     }
 
     /// Keeps records PostgreSQL refused for a reason retrying cannot fix, for an operator.
     pub async fn reject(&mut self, records: &[Record]) -> std::io::Result<()> {
-        append_lines(&self.rejected, records).await
+        append_lines(&self.rejected, records, self.sync).await
     }
 
     pub fn rejected_path(&self) -> &Path {
@@ -93,13 +110,60 @@ impl Spill {
     }
 }
 
-async fn append_lines(path: &Path, records: &[Record]) -> std::io::Result<()> {
+async fn append_lines(path: &Path, records: &[Record], sync: bool) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(records.len() * 512);
     for record in records {
         serde_json::to_writer(&mut buf, record).map_err(std::io::Error::other)?;
         buf.push(b'\n');
     }
+    let new = sync && !tokio::fs::try_exists(path).await?;
     let mut file = OpenOptions::new().create(true).append(true).open(path).await?;
     file.write_all(&buf).await?;
-    file.flush().await
+    file.flush().await?;
+    if sync {
+        file.sync_data().await?;
+        if new && let Some(dir) = path.parent() {
+            // The file's name must reach the disk too, or a crash could lose all of it.
+            File::open(dir).await?.sync_all().await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u32) -> Record {
+        serde_json::from_value(serde_json::json!({
+            "call": {
+                "id": uuid::Uuid::now_v7(), "at": std::time::SystemTime::UNIX_EPOCH, "user": null,
+                "database": "default", "collection": format!("c{n}"), "duration_ms": 1.0,
+                "success": true, "grpc_code": 0, "milvus_code": 0, "error": null
+            },
+            "perf": null, "query": null, "ingestion": null, "audit": null, "mirror": null
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_record_cut_short_by_a_crash_is_dropped_and_the_rest_replayed() {
+        let dir = std::env::temp_dir().join(format!("spill-unit-{}", uuid::Uuid::now_v7()));
+        let mut spill = Spill::open(&dir, true).await.unwrap();
+        spill.append(&[record(1), record(2)]).await.unwrap();
+        // A crash in the middle of the next append leaves half a line.
+        let mut file = OpenOptions::new().append(true).open(dir.join("records.jsonl")).await.unwrap();
+        file.write_all(b"{\"call\":{\"id\":").await.unwrap();
+        drop(file);
+
+        let mut spill = Spill::open(&dir, true).await.unwrap();
+        assert_eq!(spill.waiting(), 2, "the cut-short record is not counted");
+        spill.append(&[record(3)]).await.unwrap();
+        let (records, offset) = spill.peek(10).await.unwrap();
+        let names: Vec<_> = records.iter().map(|r| r.call.collection.clone().unwrap()).collect();
+        assert_eq!(names, ["c1", "c2", "c3"], "the next append does not glue onto the cut line");
+        spill.advance(offset, records.len()).await.unwrap();
+        assert!(!dir.join("records.jsonl").exists(), "removed once everything is replayed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -10,10 +10,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::Stats;
 use super::rows::Record;
 use super::spill::Spill;
-use crate::facts::CallFacts;
+use super::{Queued, Stats};
 use crate::settings::Settings;
 use crate::store::logs::{Batch, Ids};
 use crate::store::mirror::{Catalog, MirrorOp};
@@ -25,6 +24,16 @@ const REPLAY_BATCH_MIN: usize = 1_000;
 /// How often the writer tries PostgreSQL again while records wait in the spill file.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
+/// Longest wait for a pooled connection before a batch goes to the spill file instead.
+/// Shorter than the pool's own timeout: while PostgreSQL is unreachable, records wait in
+/// memory (and durable calls wait for them) no longer than this before reaching the disk.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The same while records wait in the spill file: a retry only probes. The pool goes on
+/// connecting in the background, so a connection made after the probe gave up is there
+/// for the next one.
+const RETRY_CHECKOUT_TIMEOUT: Duration = Duration::from_millis(250);
+
 pub struct Writer {
     pub pool: Pool,
     pub settings: Arc<Settings>,
@@ -34,6 +43,11 @@ pub struct Writer {
     pub queue_capacity: usize,
     pub flush_interval: Duration,
     pub catalog: Catalog,
+    /// Who waits for the records in the pending batch (durable mode).
+    pub acks: Vec<oneshot::Sender<()>>,
+    /// No replay before this: PostgreSQL was unreachable at the last attempt. Each attempt
+    /// holds up the writer, so they are spaced by [`RETRY_EVERY`], not made every batch.
+    pub retry_at: Instant,
 }
 
 enum WriteError {
@@ -44,7 +58,7 @@ enum WriteError {
 }
 
 impl Writer {
-    pub async fn run(mut self, mut queue: mpsc::Receiver<CallFacts>, mut finish: oneshot::Receiver<()>) {
+    pub async fn run(mut self, mut queue: mpsc::Receiver<Queued>, mut finish: oneshot::Receiver<()>) {
         let mut pending: Vec<Record> = Vec::with_capacity(self.batch_rows);
         let mut finishing = false;
         loop {
@@ -97,9 +111,29 @@ impl Writer {
         }
     }
 
-    fn push(&self, pending: &mut Vec<Record>, facts: CallFacts) {
-        if let Some(record) = Record::from_facts(facts, &self.settings) {
-            pending.push(record);
+    fn push(&mut self, pending: &mut Vec<Record>, queued: Queued) {
+        let Queued { facts, ack } = queued;
+        match Record::from_facts(facts, &self.settings) {
+            Some(record) => {
+                pending.push(record);
+                self.acks.extend(ack);
+            }
+            // Nothing to keep: durable at once.
+            None => {
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+
+    /// Tells the callers of the pending batch whether its records are durable now; those
+    /// not told (dropped senders) learn that they were lost.
+    fn settle(&mut self, durable: bool) {
+        for ack in self.acks.drain(..) {
+            if durable {
+                let _ = ack.send(());
+            }
         }
     }
 
@@ -118,7 +152,8 @@ impl Writer {
                         "PostgreSQL is falling behind: spilling records to disk until it catches up"
                     );
                 }
-                self.spill_out(pending).await;
+                let kept = self.spill_out(pending).await;
+                self.settle(kept);
             }
             // While behind, one batch per round, so the queue keeps draining.
             self.replay(if behind { 1 } else { usize::MAX }).await;
@@ -133,48 +168,67 @@ impl Writer {
                 self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
                 self.stats.batch_rows.observe(rows as f64);
                 pending.clear();
+                self.settle(true);
             }
             Err(WriteError::Transient(reason)) => {
+                self.retry_at = Instant::now() + RETRY_EVERY;
                 tracing::warn!(
                     reason = reason.as_str(),
                     records = pending.len(),
                     "PostgreSQL unavailable: spilling records to disk until it returns"
                 );
-                self.spill_out(pending).await;
+                let kept = self.spill_out(pending).await;
+                self.settle(kept);
             }
-            Err(WriteError::Rejected(reason)) => self.reject(pending, &reason).await,
+            Err(WriteError::Rejected(reason)) => {
+                // Kept for an operator, as durably as a spilled record.
+                let kept = self.reject(pending, &reason).await;
+                self.settle(kept);
+            }
         }
     }
 
-    async fn spill_out(&mut self, pending: &mut Vec<Record>) {
-        match self.spill.append(pending).await {
+    /// Appends `pending` to the spill file; false when it could not (the records are lost).
+    async fn spill_out(&mut self, pending: &mut Vec<Record>) -> bool {
+        let kept = match self.spill.append(pending).await {
             Ok(()) => {
                 self.stats.records_spilled.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                true
             }
             Err(e) => {
                 // Nowhere left to keep them: count and say so, loudly.
                 self.stats.records_dropped.fetch_add(pending.len() as u64, Ordering::Relaxed);
                 tracing::error!(error = %e, records = pending.len(), "cannot write the spill file; these records are lost");
+                false
             }
-        }
+        };
         pending.clear();
+        kept
     }
 
-    async fn reject(&mut self, records: &mut Vec<Record>, reason: &str) {
+    async fn reject(&mut self, records: &mut Vec<Record>, reason: &str) -> bool {
         self.stats.records_rejected.fetch_add(records.len() as u64, Ordering::Relaxed);
         // Quoted and escaped: PostgreSQL's message may quote a client's string.
         tracing::error!(reason, records = records.len(), path = %self.spill.rejected_path().display(),
             "PostgreSQL refused a batch; kept in the rejected file");
-        if let Err(e) = self.spill.reject(records).await {
-            self.stats.records_dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
-            tracing::error!(error = %e, "cannot write the rejected file; these records are lost");
-        }
+        let kept = match self.spill.reject(records).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.stats.records_dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
+                tracing::error!(error = %e, "cannot write the rejected file; these records are lost");
+                false
+            }
+        };
         records.clear();
+        kept
     }
 
     /// Replays up to `batches` batches of spilled records, oldest first, stopping early when
     /// none are left or PostgreSQL fails again.
     async fn replay(&mut self, batches: usize) {
+        if Instant::now() < self.retry_at {
+            return;
+        }
         for _ in 0..batches {
             // Catching up: batches at least as large as the usual ones, larger when the
             // configured batch is small.
@@ -195,8 +249,13 @@ impl Writer {
                     self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
                     self.stats.records_replayed.fetch_add(count as u64, Ordering::Relaxed);
                 }
-                Err(WriteError::Transient(_)) => return,
-                Err(WriteError::Rejected(reason)) => self.reject(&mut chunk, &reason).await,
+                Err(WriteError::Transient(_)) => {
+                    self.retry_at = Instant::now() + RETRY_EVERY;
+                    return;
+                }
+                Err(WriteError::Rejected(reason)) => {
+                    self.reject(&mut chunk, &reason).await;
+                }
             }
             if let Err(e) = self.spill.advance(offset, count).await {
                 tracing::error!(error = %e, "cannot update the spill file");
@@ -224,10 +283,11 @@ impl Writer {
     }
 
     async fn try_write(&mut self, records: &[Record]) -> Result<usize, Failure> {
-        let mut conn = match self.pool.get().await {
-            Ok(conn) => conn,
-            Err(bb8::RunError::User(e)) => return Err(Failure::Db(e)),
-            Err(bb8::RunError::TimedOut) => return Err(Failure::NoConnection),
+        let patience = if self.spill.waiting() > 0 { RETRY_CHECKOUT_TIMEOUT } else { CHECKOUT_TIMEOUT };
+        let mut conn = match tokio::time::timeout(patience, self.pool.get()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(bb8::RunError::User(e))) => return Err(Failure::Db(e)),
+            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(Failure::NoConnection),
         };
         let tx = conn.transaction().await?;
         let mut batch = Batch::default();

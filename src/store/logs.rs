@@ -86,7 +86,32 @@ impl Batch<'_> {
         self.perf.len() + self.query.len() + self.ingestion.len() + self.audit.len()
     }
 
+    /// Three round trips for the statements whatever the number of tables (one to make
+    /// the staging tables, one COPY per table, one to move every table's rows across):
+    /// with `--durable-records` every call waits for this.
     pub async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        let tables: Vec<&LogTable> = [
+            (!self.perf.is_empty()).then_some(&PERFORMANCE_METRICS),
+            (!self.query.is_empty()).then_some(&QUERY_LOGS),
+            (!self.ingestion.is_empty()).then_some(&INGESTION_LOGS),
+            (!self.audit.is_empty()).then_some(&AUDIT_LOGS),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if tables.is_empty() {
+            return Ok(());
+        }
+        // The staging tables live as long as the pooled connection; the notice that one
+        // already exists would otherwise be logged for every batch.
+        let mut prepare = String::from("SET LOCAL client_min_messages = warning;");
+        for table in &tables {
+            prepare.push_str(&format!(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS staging_{0} (LIKE {0} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;",
+                table.name
+            ));
+        }
+        tx.batch_execute(&prepare).await?;
         if !self.perf.is_empty() {
             let rows = self.perf.iter().map(|(c, ids, p)| -> Vec<&(dyn ToSql + Sync)> {
                 vec![
@@ -176,7 +201,17 @@ impl Batch<'_> {
             });
             copy(tx, &AUDIT_LOGS, rows).await?;
         }
-        Ok(())
+        let moves: String = tables
+            .iter()
+            .map(|table| {
+                let columns = table.column_list();
+                format!(
+                    "INSERT INTO {0} ({columns}) SELECT {columns} FROM staging_{0} ON CONFLICT DO NOTHING;",
+                    table.name
+                )
+            })
+            .collect();
+        tx.batch_execute(&moves).await
     }
 }
 
@@ -272,32 +307,26 @@ const AUDIT_LOGS: LogTable = LogTable {
     ],
 };
 
-/// COPY `rows` into a temporary twin of `table`, then move them across, skipping rows
-/// whose id is already there.
+impl LogTable {
+    fn column_list(&self) -> String {
+        self.columns.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// COPY `rows` into the temporary twin of `table` (made by [`Batch::write`], which then
+/// moves them across, skipping rows whose id is already there).
 async fn copy<'a, I>(tx: &Transaction<'_>, table: &LogTable, rows: I) -> Result<(), tokio_postgres::Error>
 where
     I: Iterator<Item = Vec<&'a (dyn ToSql + Sync)>>,
 {
-    let columns = table.columns.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ");
+    let columns = table.column_list();
     let types: Vec<Type> = table.columns.iter().map(|(_, ty)| ty.clone()).collect();
-    let (table, staging) = (table.name, format!("staging_{}", table.name));
-    // The staging table lives as long as the pooled connection; the notice that it already
-    // exists would otherwise be logged for every batch.
-    tx.batch_execute(&format!(
-        "SET LOCAL client_min_messages = warning;
-         CREATE TEMPORARY TABLE IF NOT EXISTS {staging} (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-    ))
-    .await?;
-    let sink = tx.copy_in(&format!("COPY {staging} ({columns}) FROM STDIN (FORMAT binary)")).await?;
+    let sink = tx.copy_in(&format!("COPY staging_{} ({columns}) FROM STDIN (FORMAT binary)", table.name)).await?;
     let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
     for row in rows {
         writer.as_mut().write(&row).await?;
     }
     writer.finish().await?;
-    tx.batch_execute(&format!(
-        "INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} ON CONFLICT DO NOTHING"
-    ))
-    .await?;
     Ok(())
 }

@@ -125,8 +125,9 @@ def start_process(name: str, argv: list[str], log: Path, env: dict | None = None
         )
 
 
-def start_milvus_lite(bin_path: str, data_dir: Path, log: Path) -> Service:
-    port = free_port()
+def start_milvus_lite(bin_path: str, data_dir: Path, log: Path, port: int | None = None) -> Service:
+    """`port`: a given one (to restart a server where its clients expect it), else a free one."""
+    port = port or free_port()
     argv = [bin_path, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
     svc = Service("milvus-lite", start_process("milvus-lite", argv, log), log, port)
     deadline = time.monotonic() + MILVUS_START_TIMEOUT
