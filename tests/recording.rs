@@ -253,7 +253,7 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
     let db = TestDb::create().await;
     let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
     let first = milvus_sidecar::store::migrate::run(&config).await.unwrap();
-    assert_eq!(first, vec!["V1__schema".to_string()]);
+    assert_eq!(first, ["V1__schema", "V2__log_tables_without_foreign_keys"]);
     assert!(milvus_sidecar::store::migrate::run(&config).await.unwrap().is_empty(), "re-running is a no-op");
     let keys: Vec<String> = db
         .client()

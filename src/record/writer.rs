@@ -162,7 +162,7 @@ impl Writer {
         if pending.is_empty() {
             return;
         }
-        match self.write(pending).await {
+        match self.write(pending, false).await {
             Ok(rows) => {
                 self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
                 self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +244,7 @@ impl Writer {
                 let _ = self.spill.advance(offset, 0).await;
                 return;
             }
-            match self.write(&chunk).await {
+            match self.write(&chunk, true).await {
                 Ok(rows) => {
                     self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
                     self.stats.records_replayed.fetch_add(count as u64, Ordering::Relaxed);
@@ -269,8 +269,9 @@ impl Writer {
     }
 
     /// One transaction: mirror changes in call order, then the log rows by COPY.
-    async fn write(&mut self, records: &[Record]) -> Result<usize, WriteError> {
-        let result = self.try_write(records).await;
+    /// Writes `records` in one transaction; `replay`: they may have been written before.
+    async fn write(&mut self, records: &[Record], replay: bool) -> Result<usize, WriteError> {
+        let result = self.try_write(records, replay).await;
         if result.is_err() {
             // The transaction rolled back: ids learned inside it may not exist.
             self.catalog.clear();
@@ -282,7 +283,7 @@ impl Writer {
         })
     }
 
-    async fn try_write(&mut self, records: &[Record]) -> Result<usize, Failure> {
+    async fn try_write(&mut self, records: &[Record], replay: bool) -> Result<usize, Failure> {
         let patience = if self.spill.waiting() > 0 { RETRY_CHECKOUT_TIMEOUT } else { CHECKOUT_TIMEOUT };
         let mut conn = match tokio::time::timeout(patience, self.pool.get()).await {
             Ok(Ok(conn)) => conn,
@@ -323,7 +324,7 @@ impl Writer {
             }
         }
         let rows = batch.rows();
-        batch.write(&tx).await?;
+        batch.write(&tx, replay).await?;
         tx.commit().await?;
         Ok(rows)
     }

@@ -1,6 +1,6 @@
-//! The four log tables, written in batches: binary COPY into a temporary table, then one
-//! INSERT ... ON CONFLICT DO NOTHING, so a batch replayed after an outage (PostgreSQL may
-//! have committed it before the connection broke) never lands twice.
+//! The four log tables, written in batches by binary COPY. A batch replayed from the spill
+//! file (PostgreSQL may have committed it before the connection broke) goes through a
+//! temporary table and INSERT ... ON CONFLICT DO NOTHING instead, so it never lands twice.
 
 use std::net::IpAddr;
 use std::time::SystemTime;
@@ -86,10 +86,10 @@ impl Batch<'_> {
         self.perf.len() + self.query.len() + self.ingestion.len() + self.audit.len()
     }
 
-    /// Three round trips for the statements whatever the number of tables (one to make
-    /// the staging tables, one COPY per table, one to move every table's rows across):
-    /// with `--durable-records` every call waits for this.
-    pub async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    /// One COPY per table. A `replay` (rows that may be there already) takes two round
+    /// trips more: one to make the staging tables, one to move every table's rows across,
+    /// skipping those present. With `--durable-records` every call waits for this.
+    pub async fn write(&self, tx: &Transaction<'_>, replay: bool) -> Result<(), tokio_postgres::Error> {
         let tables: Vec<&LogTable> = [
             (!self.perf.is_empty()).then_some(&PERFORMANCE_METRICS),
             (!self.query.is_empty()).then_some(&QUERY_LOGS),
@@ -102,16 +102,20 @@ impl Batch<'_> {
         if tables.is_empty() {
             return Ok(());
         }
-        // The staging tables live as long as the pooled connection; the notice that one
-        // already exists would otherwise be logged for every batch.
-        let mut prepare = String::from("SET LOCAL client_min_messages = warning;");
-        for table in &tables {
-            prepare.push_str(&format!(
-                "CREATE TEMPORARY TABLE IF NOT EXISTS staging_{0} (LIKE {0} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;",
-                table.name
-            ));
+        // Fresh rows carry ids made for them: straight into the tables, no conflict to skip.
+        let target = if replay { "staging_" } else { "" };
+        if replay {
+            // The staging tables live as long as the pooled connection; the notice that one
+            // already exists would otherwise be logged for every batch.
+            let mut prepare = String::from("SET LOCAL client_min_messages = warning;");
+            for table in &tables {
+                prepare.push_str(&format!(
+                    "CREATE TEMPORARY TABLE IF NOT EXISTS staging_{0} (LIKE {0} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;",
+                    table.name
+                ));
+            }
+            tx.batch_execute(&prepare).await?;
         }
-        tx.batch_execute(&prepare).await?;
         if !self.perf.is_empty() {
             let rows = self.perf.iter().map(|(c, ids, p)| -> Vec<&(dyn ToSql + Sync)> {
                 vec![
@@ -131,7 +135,7 @@ impl Batch<'_> {
                     &p.metadata,
                 ]
             });
-            copy(tx, &PERFORMANCE_METRICS, rows).await?;
+            copy(tx, target, &PERFORMANCE_METRICS, rows).await?;
         }
         if !self.query.is_empty() {
             let rows = self.query.iter().map(|(c, ids, q, dim)| -> Vec<&(dyn ToSql + Sync)> {
@@ -155,7 +159,7 @@ impl Batch<'_> {
                     &c.error,
                 ]
             });
-            copy(tx, &QUERY_LOGS, rows).await?;
+            copy(tx, target, &QUERY_LOGS, rows).await?;
         }
         if !self.ingestion.is_empty() {
             let rows = self.ingestion.iter().map(|(c, ids, i)| -> Vec<&(dyn ToSql + Sync)> {
@@ -176,7 +180,7 @@ impl Batch<'_> {
                     &c.error,
                 ]
             });
-            copy(tx, &INGESTION_LOGS, rows).await?;
+            copy(tx, target, &INGESTION_LOGS, rows).await?;
         }
         if !self.audit.is_empty() {
             let rows = self.audit.iter().map(|(c, ids, a)| -> Vec<&(dyn ToSql + Sync)> {
@@ -199,7 +203,10 @@ impl Batch<'_> {
                     &a.user_agent,
                 ]
             });
-            copy(tx, &AUDIT_LOGS, rows).await?;
+            copy(tx, target, &AUDIT_LOGS, rows).await?;
+        }
+        if !replay {
+            return Ok(());
         }
         let moves: String = tables
             .iter()
@@ -313,15 +320,19 @@ impl LogTable {
     }
 }
 
-/// COPY `rows` into the temporary twin of `table` (made by [`Batch::write`], which then
-/// moves them across, skipping rows whose id is already there).
-async fn copy<'a, I>(tx: &Transaction<'_>, table: &LogTable, rows: I) -> Result<(), tokio_postgres::Error>
+/// COPY `rows` into `table`, or into its temporary twin when `prefix` is `staging_`.
+async fn copy<'a, I>(
+    tx: &Transaction<'_>,
+    prefix: &str,
+    table: &LogTable,
+    rows: I,
+) -> Result<(), tokio_postgres::Error>
 where
     I: Iterator<Item = Vec<&'a (dyn ToSql + Sync)>>,
 {
     let columns = table.column_list();
     let types: Vec<Type> = table.columns.iter().map(|(_, ty)| ty.clone()).collect();
-    let sink = tx.copy_in(&format!("COPY staging_{} ({columns}) FROM STDIN (FORMAT binary)", table.name)).await?;
+    let sink = tx.copy_in(&format!("COPY {prefix}{} ({columns}) FROM STDIN (FORMAT binary)", table.name)).await?;
     let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
     for row in rows {
