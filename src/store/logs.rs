@@ -321,12 +321,7 @@ impl LogTable {
 }
 
 /// COPY `rows` into `table`, or into its temporary twin when `prefix` is `staging_`.
-async fn copy<'a, I>(
-    tx: &Transaction<'_>,
-    prefix: &str,
-    table: &LogTable,
-    rows: I,
-) -> Result<(), tokio_postgres::Error>
+async fn copy<'a, I>(tx: &Transaction<'_>, prefix: &str, table: &LogTable, rows: I) -> Result<(), tokio_postgres::Error>
 where
     I: Iterator<Item = Vec<&'a (dyn ToSql + Sync)>>,
 {
