@@ -233,8 +233,7 @@ impl Authority {
         cache_key: [u8; 32],
         cached: Option<Verified>,
     ) -> Result<Arc<Principal>, AuthError> {
-        let (generation, users_generation) =
-            (self.generation.load(Ordering::SeqCst), self.users_generation.load(Ordering::SeqCst));
+        let users_generation = self.users_generation.load(Ordering::SeqCst);
         let known_hash = cached.as_ref().and_then(|v| v.hash.clone());
         let loaded = match (headers.contains_key(http::header::AUTHORIZATION), anonymous) {
             (false, Some(user)) => self.load_user(user, None, None).await,
@@ -252,7 +251,8 @@ impl Authority {
             (Err(e), _) => return Err(e),
         };
         let principal = Arc::new(principal);
-        if self.generation.load(Ordering::SeqCst) == generation {
+        // Not cached if users changed meanwhile: the row read may predate the change.
+        if self.users_generation.load(Ordering::SeqCst) == users_generation {
             let verified = Verified { principal: principal.clone(), at: Instant::now(), hash, users_generation };
             self.cache.write().unwrap().credentials.insert(cache_key, verified);
         }
