@@ -413,8 +413,9 @@ async fn metrics_count_calls_decisions_and_recording() {
         (r#"milvus_sidecar_auth_decisions_total{decision="denied"}"#, 1.0),
         (r#"milvus_sidecar_auth_decisions_total{decision="unauthenticated"}"#, 1.0),
         (r#"milvus_sidecar_auth_decisions_total{decision="allowed"}"#, 4.0),
-        // alice's credential is verified once, then served from the cache three times.
-        (r#"milvus_sidecar_auth_cache_lookups_total{cache="credentials",result="hit"}"#, 3.0),
+        // argon2 once per credential: alice's, the wrong one, root's (a users change seen
+        // meanwhile, from the set-up, has alice's row read again but not her hash checked).
+        ("milvus_sidecar_auth_password_checks_total", 3.0),
         ("milvus_sidecar_inflight_calls", 0.0),
         ("milvus_sidecar_recording_rows_dropped_total", 0.0),
         ("milvus_sidecar_postgres_up", 1.0),
@@ -423,6 +424,11 @@ async fn metrics_count_calls_decisions_and_recording() {
     for (series, value) in expect {
         assert_eq!(sample(&scrape, series), value, "{series} in\n{scrape}");
     }
+    let lookups = |result: &str| {
+        sample(&scrape, &format!(r#"milvus_sidecar_auth_cache_lookups_total{{cache="credentials",result="{result}"}}"#))
+    };
+    assert_eq!(lookups("hit") + lookups("miss"), 6.0, "one credential lookup per call");
+    assert!(lookups("hit") >= 2.0, "alice's later calls are served from the cache\n{scrape}");
     assert!(!scrape.contains("SomethingFromMilvus9"), "unknown method names never become labels");
     let (_, ready) = http_get(admin, "/readyz").await;
     assert!(ready.contains("upstream: ok") && ready.contains("postgres: ok"), "{ready}");

@@ -251,11 +251,10 @@ impl Authority {
             (Err(e), _) => return Err(e),
         };
         let principal = Arc::new(principal);
-        // Not cached if users changed meanwhile: the row read may predate the change.
-        if self.users_generation.load(Ordering::SeqCst) == users_generation {
-            let verified = Verified { principal: principal.clone(), at: Instant::now(), hash, users_generation };
-            self.cache.write().unwrap().credentials.insert(cache_key, verified);
-        }
+        // Stamped with the generation the row was read under: if users changed meanwhile,
+        // the next call checks the row again (argon2 only if the hash is another).
+        let verified = Verified { principal: principal.clone(), at: Instant::now(), hash, users_generation };
+        self.cache.write().unwrap().credentials.insert(cache_key, verified);
         Ok(principal)
     }
 
