@@ -507,3 +507,24 @@ drop_database() {
 DROP DATABASE IF EXISTS :"db" WITH (FORCE);
 SQL
 }
+
+# Exit 0 only when every pinned `name==version` given is installed in .venv at exactly that
+# version (`pkg[binary]` counts as pkg and pkg-binary, as psycopg[binary] installs both).
+pinned_installed() {
+    "$VENV_PYTHON" - "$@" <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    names = [name]
+    if name.endswith("[binary]"):
+        base = name[: -len("[binary]")]
+        names = [base, base + "-binary"]
+    for name in names:
+        try:
+            if version(name) != want:
+                sys.exit(1)
+        except PackageNotFoundError:
+            sys.exit(1)
+EOF
+}

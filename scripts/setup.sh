@@ -60,23 +60,7 @@ setup_venv() {
         DONE+=("venv: created $VENV_DIR with $("$VENV_PYTHON" --version 2>&1)")
     fi
 
-    # Exit 0 only when every pinned package is installed at exactly its version.
-    if "$VENV_PYTHON" - "${PY_PACKAGES[@]}" <<'EOF'; then
-import sys
-from importlib.metadata import PackageNotFoundError, version
-for spec in sys.argv[1:]:
-    name, want = spec.split("==")
-    names = [name]
-    if name.endswith("[binary]"):  # psycopg[binary]: psycopg and psycopg-binary, same version
-        base = name[: -len("[binary]")]
-        names = [base, base + "-binary"]
-    for name in names:
-        try:
-            if version(name) != want:
-                sys.exit(1)
-        except PackageNotFoundError:
-            sys.exit(1)
-EOF
+    if pinned_installed "${PY_PACKAGES[@]}"; then
         DONE+=("python packages: already installed (${PY_PACKAGES[*]})")
         return 0
     fi

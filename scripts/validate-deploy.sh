@@ -37,23 +37,8 @@ KUBECTL_SHA256_LINUX_AMD64="65691ff77eb6fa44c908b77a1082c9f092c3b9733b5cefabec0d
 
 [[ -x "$VENV_PYTHON" ]] || die "$VENV_DIR is missing: run scripts/setup.sh first"
 
-# Exit 0 only when every pinned package is installed at exactly its version.
-pinned_installed() {
-    "$VENV_PYTHON" - "${DEPLOY_PY_PACKAGES[@]}" <<'EOF'
-import sys
-from importlib.metadata import PackageNotFoundError, version
-for spec in sys.argv[1:]:
-    name, want = spec.split("==")
-    try:
-        if version(name) != want:
-            sys.exit(1)
-    except PackageNotFoundError:
-        sys.exit(1)
-EOF
-}
-
 install_tools() {
-    if pinned_installed; then
+    if pinned_installed "${DEPLOY_PY_PACKAGES[@]}"; then
         log "deploy tools already installed: ${DEPLOY_PY_PACKAGES[*]}"
         return 0
     fi
