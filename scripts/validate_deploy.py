@@ -69,29 +69,6 @@ CRD_SCHEMAS = {
     ("argoproj.io/v1alpha1", "Application"): "argocd-application-v1alpha1.schema.json",
 }
 
-# What the sidecar exports on /metrics (histograms add _bucket, _sum, _count). The dashboard
-# may use only these; tests/e2e/test_deploy.py checks it against a running sidecar as well.
-EXPORTED_METRICS = {
-    "milvus_sidecar_build_info",
-    "milvus_sidecar_calls_total",
-    "milvus_sidecar_overhead_seconds",
-    "milvus_sidecar_upstream_seconds",
-    "milvus_sidecar_inflight_calls",
-    "milvus_sidecar_collection_calls_total",
-    "milvus_sidecar_auth_decisions_total",
-    "milvus_sidecar_auth_cache_lookups_total",
-    "milvus_sidecar_recording_queue_depth",
-    "milvus_sidecar_recording_batch_rows",
-    "milvus_sidecar_recording_rows_written_total",
-    "milvus_sidecar_recording_rows_spilled_total",
-    "milvus_sidecar_recording_rows_replayed_total",
-    "milvus_sidecar_recording_rows_rejected_total",
-    "milvus_sidecar_recording_rows_dropped_total",
-    "milvus_sidecar_postgres_pool_connections",
-    "milvus_sidecar_postgres_up",
-    "milvus_sidecar_upstream_up",
-}
-HISTOGRAMS = {"milvus_sidecar_overhead_seconds", "milvus_sidecar_upstream_seconds", "milvus_sidecar_recording_batch_rows"}
 
 
 class Checks:
@@ -456,14 +433,14 @@ def validate_dashboard(path: Path, checks: Checks) -> dict | None:
                   + ("".join(f"\n        {b}" for b in bad_promql)))
 
     series = dashboard_metrics.series_names(dash)
-    unknown = sorted(s for s in series if dashboard_metrics.family_name(s) not in EXPORTED_METRICS)
+    unknown = sorted(s for s in series if dashboard_metrics.family_name(s) not in dashboard_metrics.EXPORTED_METRICS)
     checks.expect(not unknown, f"{path.name}: names only exported metrics ({len(series)} series used)"
                   + (f"; unknown: {unknown}" if unknown else ""))
     suffixed = sorted(s for s in series if dashboard_metrics.family_name(s) != s
-                      and dashboard_metrics.family_name(s) not in HISTOGRAMS)
+                      and dashboard_metrics.family_name(s) not in dashboard_metrics.HISTOGRAMS)
     checks.expect(not suffixed, f"{path.name}: _bucket/_sum/_count only on histograms"
                   + (f" (not: {suffixed})" if suffixed else ""))
-    unused = sorted(EXPORTED_METRICS - dashboard_metrics.family_names(dash))
+    unused = sorted(dashboard_metrics.EXPORTED_METRICS - dashboard_metrics.family_names(dash))
     if unused:
         checks.note(f"{path.name}: exported but not shown: {unused}")
     return dash

@@ -15,6 +15,30 @@ from collections.abc import Iterator
 PREFIX = "milvus_sidecar_"
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
+# What the sidecar exports on /metrics (histograms add _bucket, _sum, _count). The dashboard
+# may use only these; tests/e2e/test_deploy.py checks them against a running sidecar as well.
+EXPORTED_METRICS = {
+    "milvus_sidecar_build_info",
+    "milvus_sidecar_calls_total",
+    "milvus_sidecar_overhead_seconds",
+    "milvus_sidecar_upstream_seconds",
+    "milvus_sidecar_inflight_calls",
+    "milvus_sidecar_collection_calls_total",
+    "milvus_sidecar_auth_decisions_total",
+    "milvus_sidecar_auth_cache_lookups_total",
+    "milvus_sidecar_recording_queue_depth",
+    "milvus_sidecar_recording_batch_rows",
+    "milvus_sidecar_recording_rows_written_total",
+    "milvus_sidecar_recording_rows_spilled_total",
+    "milvus_sidecar_recording_rows_replayed_total",
+    "milvus_sidecar_recording_rows_rejected_total",
+    "milvus_sidecar_recording_rows_dropped_total",
+    "milvus_sidecar_postgres_pool_connections",
+    "milvus_sidecar_postgres_up",
+    "milvus_sidecar_upstream_up",
+}
+HISTOGRAMS = {"milvus_sidecar_overhead_seconds", "milvus_sidecar_upstream_seconds", "milvus_sidecar_recording_batch_rows"}
+
 # A metric name in PromQL: not preceded by a name character (so `xmilvus_sidecar_a` is not
 # one), and taken whole.
 _METRIC = re.compile(r"(?<![A-Za-z0-9_:])(milvus_sidecar_[A-Za-z0-9_:]+)")

@@ -31,26 +31,7 @@ COLLECTION = "e2e_deploy_metrics"
 SCRAPE_WAIT = 10.0  # seconds for the writer to flush, so that the recording metrics have samples
 
 # The metric families the dashboard is built on (what the binary is to export).
-FAMILIES = {
-    "milvus_sidecar_build_info",
-    "milvus_sidecar_calls_total",
-    "milvus_sidecar_overhead_seconds",
-    "milvus_sidecar_upstream_seconds",
-    "milvus_sidecar_inflight_calls",
-    "milvus_sidecar_collection_calls_total",
-    "milvus_sidecar_auth_decisions_total",
-    "milvus_sidecar_auth_cache_lookups_total",
-    "milvus_sidecar_recording_queue_depth",
-    "milvus_sidecar_recording_batch_rows",
-    "milvus_sidecar_recording_rows_written_total",
-    "milvus_sidecar_recording_rows_spilled_total",
-    "milvus_sidecar_recording_rows_replayed_total",
-    "milvus_sidecar_recording_rows_rejected_total",
-    "milvus_sidecar_recording_rows_dropped_total",
-    "milvus_sidecar_postgres_pool_connections",
-    "milvus_sidecar_postgres_up",
-    "milvus_sidecar_upstream_up",
-}
+FAMILIES = dm.EXPORTED_METRICS
 
 
 # ------------------------------------------------------------- the reading, pinned
@@ -127,7 +108,7 @@ def test_a_scrape_is_read_by_type_lines_and_samples():
 
 
 def test_a_complete_scrape_lacks_nothing():
-    histograms = {"milvus_sidecar_overhead_seconds", "milvus_sidecar_upstream_seconds", "milvus_sidecar_recording_batch_rows"}
+    histograms = dm.HISTOGRAMS
     lines = []
     for family in sorted(FAMILIES):
         if family in histograms:
