@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::fake::FakeUpstream;
-use common::{RawClient, RawCodec, SERVICE, Sidecar, framed, path};
+use common::{RawClient, RawCodec, SERVICE, Sidecar, framed, h2_connect, path};
 use http_body_util::BodyExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -15,14 +15,7 @@ use tonic::transport::Channel;
 /// One call over a fresh bare HTTP/2 connection with one extra header of `size` bytes.
 /// Returns the HTTP status and grpc-status, or the error that ended the call.
 async fn call_with_header(addr: std::net::SocketAddr, size: usize) -> Result<(u16, Option<String>), String> {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut send = h2_connect(addr).await.map_err(|e| e.to_string())?;
     let request = http::Request::post(format!("http://{addr}{SERVICE}Echo"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
@@ -117,14 +110,7 @@ async fn an_over_limit_message_is_refused_naming_the_limit_before_it_is_read() {
     // A Search body that only declares 100 MiB: the refusal comes from the 5-byte header, so
     // the sidecar never waits for (or buffers) the rest.
     let addr = sidecar.addr();
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_connect(addr).await.unwrap();
     let (mut tx, body) = futures::channel::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(1);
     let request = http::Request::post(format!("http://{addr}{SERVICE}Search"))
         .header("content-type", "application/grpc")

@@ -180,6 +180,24 @@ pub fn unused_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
+/// A bare HTTP/2 connection to `addr`, driven in the background: for requests a gRPC
+/// library would not send.
+pub async fn h2_connect<B>(addr: SocketAddr) -> Result<hyper::client::conn::http2::SendRequest<B>, hyper::Error>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
 /// One unary call over a bare HTTP/2 connection, for what a gRPC library would not let a
 /// test do (a `grpc-timeout` the client itself does not enforce). Returns the reply's
 /// header block merged with its trailers.
@@ -190,14 +208,7 @@ pub async fn bare_call(
     body: Bytes,
 ) -> http::HeaderMap {
     use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_connect(addr).await.unwrap();
     let mut request = http::Request::post(format!("http://{addr}{SERVICE}{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
