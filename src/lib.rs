@@ -20,6 +20,9 @@ pub mod tls;
 pub use app::App;
 pub use server::{Running, start};
 
+/// Errors of bodies sent through hyper, which takes any error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Formats an error with its chain of causes, which is where hyper and tokio-postgres keep
 /// the useful part ("client error (Connect)" alone says nothing; "Connection refused" does).
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -203,3 +203,26 @@ fn sync_views_read_the_milvus_messages_they_stand_for() {
     problems.retain(|p| p != schema_as_bytes);
     assert!(problems.is_empty(), "sync's views disagree with Milvus:\n{}", problems.join("\n"));
 }
+
+/// The fields the sidecar streams through unread must be, in Milvus's request, the bulk
+/// it thinks they are (repeated messages or values), and not fields its view reads.
+#[test]
+fn bulky_fields_are_row_data_the_views_do_not_read() {
+    let (milvus, views) = load();
+    let mut checked = 0;
+    for rpc in Rpc::ALL {
+        let bulky = rpc.request().bulky_fields();
+        if bulky.is_empty() {
+            continue;
+        }
+        let (request, _) = &milvus.rpcs[rpc.name()];
+        let theirs = &milvus.messages[request];
+        let ours = &views.messages[rpc.request().view()];
+        let names: Vec<(u32, &str)> = bulky.iter().map(|n| (*n, theirs[n].ty.as_str())).collect();
+        assert_eq!(names, [(5, "FieldData"), (6, "uint32")], "{}: {request}", rpc.name());
+        assert!(bulky.iter().all(|n| theirs[n].repeated), "{}: bulky fields are repeated", rpc.name());
+        assert!(bulky.iter().all(|n| !ours.contains_key(n)), "{}: the view reads a bulky field", rpc.name());
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "Insert and Upsert stream their rows");
+}

@@ -103,6 +103,17 @@ impl Request {
             Request::Database => "DatabaseRequest",
         }
     }
+
+    /// Length-delimited fields of the request that hold its bulk and that its view does
+    /// not read: the sidecar streams them through rather than buffer them.
+    pub const fn bulky_fields(self) -> &'static [u32] {
+        match self {
+            // fields_data and hash_keys: the rows. Everything the view reads (names,
+            // num_rows) is small, before or after them.
+            Request::Insert => &[5, 6],
+            _ => &[],
+        }
+    }
 }
 
 /// Where a reply keeps its Milvus status.

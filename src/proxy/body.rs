@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::inspect::Streamed;
 use super::observe::Observed;
 use crate::record::Receipt;
 
@@ -22,6 +23,8 @@ pub enum Body {
     Full(Option<Bytes>),
     /// A request streamed through untouched; `seen` counts its bytes for the call's facts.
     Raw { inner: Incoming, seen: Arc<AtomicU64> },
+    /// A request read up to its bulk, the rest streamed through while it is scanned.
+    Streamed(Streamed),
     /// A reply streamed back to the client while it is being observed.
     Observed(Observed),
     /// A reply the sidecar composed or rewrote (a filtered listing): its message, then its
@@ -31,9 +34,9 @@ pub enum Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             Body::Empty => Poll::Ready(None),
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
@@ -44,9 +47,10 @@ impl http_body::Body for Body {
                 {
                     seen.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                polled
+                polled.map_err(Into::into)
             }
-            Body::Observed(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Streamed(inner) => inner.poll_frame(cx),
+            Body::Observed(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             Body::Complete { data, receipt, trailers } => {
                 if let Some(d) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
@@ -69,6 +73,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(data) => data.is_none(),
             Body::Raw { inner, .. } => inner.is_end_stream(),
+            Body::Streamed(inner) => inner.is_end_stream(),
             Body::Observed(inner) => inner.is_end_stream(),
             Body::Complete { data, receipt, trailers } => data.is_none() && receipt.is_none() && trailers.is_none(),
         }
@@ -79,6 +84,7 @@ impl http_body::Body for Body {
             Body::Empty => SizeHint::with_exact(0),
             Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
             Body::Raw { inner, .. } => inner.size_hint(),
+            Body::Streamed(inner) => inner.size_hint(),
             Body::Observed(inner) => inner.size_hint(),
             Body::Complete { .. } => SizeHint::default(),
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("upstream Milvus at {upstream} is unavailable: {reason}")]
     UpstreamUnavailable { upstream: Arc<str>, reason: String },

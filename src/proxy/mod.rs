@@ -8,8 +8,10 @@ pub mod grpc;
 mod inspect;
 mod observe;
 pub mod rewrite;
+mod scan;
 mod upstream;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use hyper::body::Incoming;
 
 pub use body::Body;
 pub use error::ProxyError;
+use inspect::Head;
 use observe::{CreatedHook, InFlight, Observed, Pending, ReplyCapture};
 pub use upstream::{Deadline, Upstream};
 
@@ -139,60 +142,98 @@ impl Shared {
         let needs_body = rpc.is_some() || (who.is_some() && (scoped || listing));
 
         let mut database_in_body = None;
+        let mut streamed = None;
         let body = if needs_body {
-            let bytes = match inspect::gather(method.name(), body, self.max_message_bytes).await {
-                Ok(bytes) => bytes,
+            let bulky = rpc.map_or(&[][..], |rpc| rpc.request().bulky_fields());
+            let head = match inspect::read(method.name(), body, self.max_message_bytes, bulky).await {
+                Ok(head) => head,
                 Err(refusal) => return answer_ourselves(call, refusal),
             };
-            call.facts.request_bytes = bytes.len() as u64;
-            let message = match grpc::first_message(&bytes, parts.headers.get("grpc-encoding"), self.max_message_bytes)
-            {
-                Ok(message) => message,
-                Err(e) => return answer_ourselves(call, e.into_proxy_error(method.name(), self.max_message_bytes)),
+            let head = match head {
+                // A streamed insert is authorized on the collection it names before its
+                // rows; one that names none there is read whole.
+                Head::Streaming(s) if who.is_some() && !names_a_collection(rule, s.sketch()) => {
+                    match s.into_whole(method.name(), self.max_message_bytes).await {
+                        Ok(bytes) => Head::Whole(bytes),
+                        Err(refusal) => return answer_ourselves(call, refusal),
+                    }
+                }
+                head => head,
             };
-            if let Some(rpc) = rpc {
-                match views::read_request(rpc.request(), &message) {
-                    Ok(facts) => {
-                        if let Some(db) = &facts.database {
-                            call.facts.database.clone_from(db);
+            let mut authorized = Vec::new();
+            {
+                let message = match &head {
+                    Head::Whole(bytes) => {
+                        call.facts.request_bytes = bytes.len() as u64;
+                        let encoding = parts.headers.get("grpc-encoding");
+                        match grpc::first_message(bytes, encoding, self.max_message_bytes) {
+                            Ok(message) => message,
+                            Err(e) => {
+                                let refusal = e.into_proxy_error(method.name(), self.max_message_bytes);
+                                return answer_ourselves(call, refusal);
+                            }
                         }
-                        call.facts.request = facts;
-                        call.reply = Some(ReplyCapture {
-                            kind: rpc.reply(),
-                            encoding: None,
-                            limit: self.max_message_bytes,
-                            gathered: Default::default(),
-                            overflowed: false,
-                        });
                     }
-                    Err(e) => {
-                        let refusal = ProxyError::Malformed { method: method.name().to_owned(), reason: e.to_string() };
-                        return answer_ourselves(call, refusal);
-                    }
-                }
-            }
-            if let Some((auth, principal)) = &who {
-                let targets = match targets(rule, &message, &call.facts.database) {
-                    Some(targets) => targets,
-                    None => {
-                        let reason = "request body is not valid protobuf".to_owned();
-                        return answer_ourselves(
-                            call,
-                            ProxyError::Malformed { method: method.name().to_owned(), reason },
-                        );
-                    }
+                    Head::Streaming(s) => Cow::Borrowed(s.sketch()),
                 };
-                if call.facts.request.collection.is_none() {
-                    call.facts.request.collection = targets.first().map(|(_, c)| c.clone());
+                if let Some(rpc) = rpc {
+                    match views::read_request(rpc.request(), &message) {
+                        Ok(facts) => {
+                            if let Some(db) = &facts.database {
+                                call.facts.database.clone_from(db);
+                            }
+                            call.facts.request = facts;
+                            call.reply = Some(ReplyCapture {
+                                kind: rpc.reply(),
+                                encoding: None,
+                                limit: self.max_message_bytes,
+                                gathered: Default::default(),
+                                overflowed: false,
+                            });
+                        }
+                        Err(e) => {
+                            let refusal =
+                                ProxyError::Malformed { method: method.name().to_owned(), reason: e.to_string() };
+                            return answer_ourselves(call, refusal);
+                        }
+                    }
                 }
-                if let Err(refusal) = auth.authorize(principal, rule, &targets).await {
-                    return answer_ourselves(call, refusal.into());
-                }
-                if listing {
-                    database_in_body = wire::strings(&message, 2).and_then(|v| v.last().map(|s| s.to_string()));
+                if let Some((auth, principal)) = &who {
+                    let targets = match targets(rule, &message, &call.facts.database) {
+                        Some(targets) => targets,
+                        None => {
+                            let reason = "request body is not valid protobuf".to_owned();
+                            return answer_ourselves(
+                                call,
+                                ProxyError::Malformed { method: method.name().to_owned(), reason },
+                            );
+                        }
+                    };
+                    if call.facts.request.collection.is_none() {
+                        call.facts.request.collection = targets.first().map(|(_, c)| c.clone());
+                    }
+                    if let Err(refusal) = auth.authorize(principal, rule, &targets).await {
+                        return answer_ourselves(call, refusal.into());
+                    }
+                    if listing {
+                        database_in_body = wire::strings(&message, 2).and_then(|v| v.last().map(|s| s.to_string()));
+                    }
+                    authorized = targets;
                 }
             }
-            Body::Full(Some(bytes))
+            match head {
+                Head::Whole(bytes) => Body::Full(Some(bytes)),
+                Head::Streaming(s) => {
+                    let check = who.is_some().then(|| {
+                        let header_database = crate::auth::identity::database(&parts.headers).to_owned();
+                        same_targets(method.name(), rule, header_database, authorized)
+                    });
+                    let (body, result) = s.forward(method.name(), self.max_message_bytes, check);
+                    call.request_scan = Some(result.clone());
+                    streamed = Some(result);
+                    Body::Streamed(body)
+                }
+            }
         } else {
             if let Some((auth, principal)) = &who
                 && let Err(refusal) = auth.authorize(principal, rule, &[]).await
@@ -211,7 +252,13 @@ impl Shared {
         }
         let deadline = self.deadline(rpc, &mut parts.headers);
         call.forwarded_at = Some(Instant::now());
-        let reply = match self.upstream.send(Request::from_parts(parts, body), deadline).await {
+        let reply = self.upstream.send(Request::from_parts(parts, body), deadline).await;
+        // A streamed request the sidecar broke off: its reason, not the upstream's account
+        // of the reset.
+        if let Some(refusal) = streamed.and_then(|result| result.refusal()) {
+            return answer_ourselves(call, refusal);
+        }
+        let reply = match reply {
             Ok(reply) => reply,
             Err(failure) => return answer_ourselves(call, failure),
         };
@@ -342,6 +389,7 @@ impl Shared {
             reply: None,
             on_created: None,
             request_seen: None,
+            request_scan: None,
         }
     }
 }
@@ -359,6 +407,29 @@ fn targets(rule: Option<MethodRule>, message: &[u8], default_database: &str) -> 
     .unwrap_or(default_database);
     let names = wire::strings(message, target.collection_field)?;
     Some(names.into_iter().filter(|c| !c.is_empty()).map(|c| (database.to_owned(), c.to_owned())).collect())
+}
+
+fn names_a_collection(rule: Option<MethodRule>, message: &[u8]) -> bool {
+    targets(rule, message, "").is_some_and(|t| !t.is_empty())
+}
+
+/// The check a streamed request's complete sketch must pass: it names what was authorized
+/// from its start. Milvus keeps the last value of a repeated name, so a name sent again
+/// after the rows could otherwise redirect an authorized insert.
+fn same_targets(
+    method: &str,
+    rule: Option<MethodRule>,
+    header_database: String,
+    authorized: Vec<(String, String)>,
+) -> inspect::Check {
+    let method = method.to_owned();
+    Box::new(move |sketch: &[u8]| {
+        if targets(rule, sketch, &header_database).is_some_and(|t| t == authorized) {
+            return Ok(());
+        }
+        let reason = "the collection or database it names after its rows differs from the one named before them".into();
+        Err(ProxyError::Malformed { method: method.clone(), reason })
+    })
 }
 
 /// Ends a call with the sidecar's own status, recorded like any other outcome.

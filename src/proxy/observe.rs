@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use tonic::Code;
 
 use super::grpc::{self, Gathered};
+use super::inspect::ScanResult;
 use crate::auth::authority::{Authority, Principal};
 use crate::facts::{CallFacts, Outcome};
 use crate::milvus::{Reply, views};
@@ -49,6 +50,8 @@ pub struct InFlight {
     pub on_created: Option<CreatedHook>,
     /// Bytes of a request that streamed through unread, counted as they went.
     pub request_seen: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// A request read up to its rows and streamed: its complete sketch, read at the end.
+    pub request_scan: Option<Arc<ScanResult>>,
 }
 
 /// The creator of a collection may use it at once: the grant is cached as soon as Milvus
@@ -174,6 +177,9 @@ impl InFlight {
         if let Some(seen) = &self.request_seen {
             self.facts.request_bytes = seen.load(std::sync::atomic::Ordering::Relaxed);
         }
+        if let Some(scan) = self.request_scan.take() {
+            self.read_streamed_request(&scan);
+        }
         let now = Instant::now();
         self.facts.duration = now - self.started;
         let upstream = self.forwarded_at.map(|at| self.upstream_done.unwrap_or(now).saturating_duration_since(at));
@@ -183,6 +189,22 @@ impl InFlight {
         } else {
             self.recorder.record(self.facts);
             None
+        }
+    }
+
+    /// What a streamed request said after its rows (an insert's `num_rows`) is known once
+    /// it has all gone upstream.
+    fn read_streamed_request(&mut self, scan: &ScanResult) {
+        let (Some(Ok(scanned)), Some(rpc)) = (scan.get(), self.facts.method.rpc) else { return };
+        self.facts.request_bytes = scanned.bytes;
+        match views::read_request(rpc.request(), &scanned.sketch) {
+            Ok(facts) => {
+                if let Some(db) = &facts.database {
+                    self.facts.database.clone_from(db);
+                }
+                self.facts.request = facts;
+            }
+            Err(e) => tracing::warn!(method = rpc.name(), error = %e, "could not read the end of a streamed request"),
         }
     }
 
