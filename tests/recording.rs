@@ -11,7 +11,9 @@ use common::pg::TestDb;
 use common::relay::Relay;
 use common::{RawClient, encode};
 use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
-use milvus::proto::milvus::{CreateCollectionRequest, InsertRequest, MutationResult, SearchRequest, SearchResults};
+use milvus::proto::milvus::{
+    CreateCollectionRequest, ImportRequest, ImportResponse, InsertRequest, MutationResult, SearchRequest, SearchResults,
+};
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, SearchResultData};
 use milvus_sidecar::App;
 use milvus_sidecar::config::{Config, DatabaseArgs};
@@ -511,4 +513,168 @@ async fn a_day_that_cannot_be_created_does_not_stop_the_others() {
         .unwrap()
         .get(0);
     assert!(after, "the day after the failing one was created");
+}
+
+/// Waits (up to 5 s) until `done` holds, for a setting that arrives by NOTIFY.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what} within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_bulk_import_leaves_an_ingestion_row_whether_milvus_accepts_it_or_not() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    upstream.reply_with("Import", encode(&ImportResponse { status: Some(MilvusStatus::default()), tasks: vec![7] }));
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let import = encode(&ImportRequest {
+        collection_name: "docs".into(),
+        partition_name: "p2024".into(),
+        files: vec!["s3://bucket/part-0.parquet".into()],
+        ..Default::default()
+    });
+    client.unary_with("Import", as_alice(import.clone())).await.unwrap();
+    // Refused inside an OK reply, as Milvus reports most failures.
+    let refused = MilvusStatus { code: 2100, reason: "import is disabled".into(), ..Default::default() };
+    upstream.reply_with("Import", encode(&ImportResponse { status: Some(refused), ..Default::default() }));
+    client.unary_with("Import", as_alice(import.clone())).await.unwrap();
+    app.shutdown().await;
+
+    let c = db.client().await;
+    let rows = c
+        .query(
+            "SELECT i.operation, i.partition_name, i.rows_sent, i.bytes, i.success, i.error_message, i.username,
+                    c.collection_name
+             FROM ingestion_logs i LEFT JOIN collections c ON c.id = i.collection_id ORDER BY i.ingested_at",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "one ingestion row per import");
+    for (row, success) in rows.iter().zip([true, false]) {
+        assert_eq!(row.get::<_, String>(0), "import");
+        assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("p2024"));
+        assert_eq!(row.get::<_, Option<i64>>(2), None, "an import names files, not rows");
+        // As framed on the wire: the message and gRPC's 5-byte prefix.
+        assert_eq!(row.get::<_, Option<i64>>(3), Some(import.len() as i64 + 5), "the request's size");
+        assert_eq!(row.get::<_, bool>(4), success);
+        assert_eq!(row.get::<_, Option<String>>(6).as_deref(), Some("alice"));
+        assert_eq!(row.get::<_, Option<String>>(7).as_deref(), Some("docs"));
+    }
+    assert_eq!(rows[0].get::<_, Option<String>>(5), None);
+    assert_eq!(rows[1].get::<_, Option<String>>(5).as_deref(), Some("import is disabled"), "Milvus's reason");
+    let audit = c
+        .query("SELECT action, resource_type, details->'files'->>0, success FROM audit_logs ORDER BY occurred_at", &[])
+        .await
+        .unwrap();
+    let audit: Vec<(String, String, Option<String>, bool)> =
+        audit.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let file = Some("s3://bucket/part-0.parquet".to_string());
+    assert_eq!(
+        audit,
+        [("import".into(), "data".into(), file.clone(), true), ("import".into(), "data".into(), file, false)]
+    );
+}
+
+#[tokio::test]
+async fn audit_settings_extend_stop_and_resume_the_audit_while_running() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let admin = db.client().await;
+    let set = "UPDATE system_config SET config_value = $2 WHERE config_key = $1";
+    let insert = || encode(&InsertRequest { collection_name: "c".into(), num_rows: 10, ..Default::default() });
+    // Settings apply when the writer takes a record: each phase's rows are waited for
+    // before the next switch, so no record straddles one.
+    let mut calls = 0;
+    let mut written = |n: i64| {
+        calls += n;
+        db.wait_for_count("SELECT count(*) FROM performance_metrics", calls)
+    };
+
+    client.unary("Search", search("c")).await.unwrap();
+    assert_eq!(written(1).await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 0, "reads are not audited by default");
+
+    admin.execute(set, &[&"audit_all_calls", &"true"]).await.unwrap();
+    until("audit_all_calls", || app.settings.audit_every_call()).await;
+    client.unary("Search", search("c")).await.unwrap();
+    client.unary("GetVersion", Bytes::new()).await.unwrap();
+    assert_eq!(written(2).await, 3);
+
+    admin.execute(set, &[&"enable_audit_logging", &"false"]).await.unwrap();
+    until("enable_audit_logging off", || !app.settings.audit()).await;
+    client.unary("Insert", insert()).await.unwrap();
+    client.unary("Search", search("c")).await.unwrap();
+    assert_eq!(written(2).await, 5);
+    assert_eq!(db.count("SELECT count(*) FROM ingestion_logs").await, 1, "only the audit stops");
+
+    admin.execute(set, &[&"enable_audit_logging", &"true"]).await.unwrap();
+    until("enable_audit_logging on", || app.settings.audit()).await;
+    client.unary("Insert", insert()).await.unwrap();
+    assert_eq!(written(1).await, 6);
+    app.shutdown().await;
+
+    let actions: Vec<String> = admin
+        .query("SELECT action FROM audit_logs ORDER BY occurred_at", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(actions, ["search", "get_version", "insert"], "reads while extended, nothing while off");
+}
+
+#[tokio::test]
+async fn skip_migrations_leaves_an_empty_database_untouched() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let spill = tempdir::Dir::new();
+    let tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'";
+    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
+    config.database = DatabaseArgs::from_url(&db.url());
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill.path.clone();
+    config.recording.skip_migrations = true;
+    let Err(e) = App::start(config.clone()).await else { panic!("started on a database without a schema") };
+    assert!(format!("{e:#}").contains("cannot read system_config"), "{e:#}");
+    assert_eq!(db.count(tables).await, 0, "no migration ran");
+
+    // The same through the command line flag.
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_milvus-sidecar"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--no-auth", "--skip-migrations"])
+        .args(["--upstream", &format!("http://{}", upstream.addr), "--database-url", &db.url()])
+        .arg("--spill-dir")
+        .arg(&spill.path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            panic!("serve --skip-migrations kept running on a database without a schema");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("system_config"), "{stderr}");
+    assert_eq!(db.count(tables).await, 0, "no migration ran");
+
+    // Without it, the same start-up migrates.
+    config.recording.skip_migrations = false;
+    let app = App::start(config).await.expect("migrates, then starts");
+    assert_eq!(db.count("SELECT count(*) FROM refinery_schema_history").await, 3);
+    app.shutdown().await;
 }
