@@ -11,10 +11,13 @@ use common::pg::TestDb;
 use common::relay::Relay;
 use common::{RawClient, encode};
 use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
-use milvus::proto::milvus::{CreateCollectionRequest, InsertRequest, MutationResult, SearchRequest, SearchResults};
+use milvus::proto::milvus::{
+    CreateCollectionRequest, ImportRequest, ImportResponse, InsertRequest, MutationResult, SearchRequest, SearchResults,
+};
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, SearchResultData};
 use milvus_sidecar::App;
 use milvus_sidecar::config::{Config, DatabaseArgs};
+use milvus_sidecar::store::maintenance::Maintained;
 use tonic::metadata::MetadataValue;
 
 async fn start_app(upstream: std::net::SocketAddr, database_url: String) -> (App, tempdir::Dir) {
@@ -253,7 +256,10 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
     let db = TestDb::create().await;
     let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
     let first = milvus_sidecar::store::migrate::run(&config).await.unwrap();
-    assert_eq!(first, ["V1__schema", "V2__log_tables_without_foreign_keys"]);
+    assert_eq!(
+        first,
+        ["V1__schema", "V2__log_tables_without_foreign_keys", "V3__log_partitions_take_over_default_rows"]
+    );
     assert!(milvus_sidecar::store::migrate::run(&config).await.unwrap().is_empty(), "re-running is a no-op");
     let keys: Vec<String> = db
         .client()
@@ -284,10 +290,10 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
     let old = "SELECT count(*) FROM pg_class WHERE relname = 'audit_logs_p' || to_char(current_date - 120, 'YYYYMMDD')";
     assert_eq!(db.count(old).await, 1);
     let pool = milvus_sidecar::store::pool(config, 1);
-    let (created, dropped) = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
-    assert_eq!(dropped, 4, "one expired day in each of the four log tables");
+    let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!(done.dropped, 4, "one expired day in each of the four log tables");
     assert_eq!(db.count(old).await, 0);
-    assert_eq!(created, 0, "the migration already created the days ahead");
+    assert_eq!((done.created, done.failed), (0, 0), "the migration already created the days ahead");
     let ahead = "SELECT count(*) FROM pg_class WHERE relname = 'query_logs_p' || to_char(current_date + 7, 'YYYYMMDD')";
     assert_eq!(db.count(ahead).await, 1, "a week of partitions ahead");
 }
@@ -331,4 +337,344 @@ async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing dropped");
     app.shutdown().await;
     assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 1600, "none twice");
+}
+
+/// The log tables and the column each is partitioned by.
+const LOG_TABLES: [(&str, &str); 4] = [
+    ("audit_logs", "occurred_at"),
+    ("performance_metrics", "recorded_at"),
+    ("query_logs", "executed_at"),
+    ("ingestion_logs", "ingested_at"),
+];
+
+/// A database migrated by the sidecar, with a connection to it and a pool for maintenance.
+async fn migrated() -> (TestDb, tokio_postgres::Client, milvus_sidecar::store::Pool) {
+    let db = TestDb::create().await;
+    let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
+    milvus_sidecar::store::migrate::run(&config).await.unwrap();
+    let client = db.client().await;
+    (db, client, milvus_sidecar::store::pool(config, 1))
+}
+
+/// The name of `table`'s partition for `day` days from today.
+async fn partition(c: &tokio_postgres::Client, table: &str, day: i32) -> String {
+    c.query_one("SELECT $1::text || '_p' || to_char(current_date + $2::int, 'YYYYMMDD')", &[&table, &day])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Drops `table`'s partition for `day`, as if it had never been created.
+async fn drop_partition(c: &tokio_postgres::Client, table: &str, day: i32) {
+    let name = partition(c, table, day).await;
+    c.batch_execute(&format!("DROP TABLE \"{name}\"")).await.unwrap();
+}
+
+/// Puts `n` rows in `table` at 13:00, `day` days from today, with the columns it requires.
+async fn log_rows(c: &tokio_postgres::Client, table: &str, day: i32, n: i32) {
+    let sql = match table {
+        "audit_logs" => {
+            "INSERT INTO audit_logs (id, occurred_at, action, resource_type, success, grpc_code)
+             SELECT uuid_v7(), current_date + $1::int + time '13:00', 'test', 'system', true, 0
+             FROM generate_series(1, $2::int)"
+        }
+        "performance_metrics" => {
+            "INSERT INTO performance_metrics (id, recorded_at, operation_type, duration_ms, success, grpc_code)
+             SELECT uuid_v7(), current_date + $1::int + time '13:00', 'search', 1, true, 0
+             FROM generate_series(1, $2::int)"
+        }
+        "query_logs" => {
+            "INSERT INTO query_logs (id, executed_at, query_type, duration_ms, success)
+             SELECT uuid_v7(), current_date + $1::int + time '13:00', 'search', 1, true FROM generate_series(1, $2::int)"
+        }
+        "ingestion_logs" => {
+            "INSERT INTO ingestion_logs (id, ingested_at, operation, duration_ms, success)
+             SELECT uuid_v7(), current_date + $1::int + time '13:00', 'insert', 1, true FROM generate_series(1, $2::int)"
+        }
+        other => panic!("not a log table: {other}"),
+    };
+    c.execute(sql, &[&day, &n]).await.unwrap();
+}
+
+/// Rows of `table` held by the partition named `relation`.
+async fn rows_in(c: &tokio_postgres::Client, table: &str, relation: &str) -> i64 {
+    c.query_one(&format!("SELECT count(*) FROM {table} WHERE tableoid = to_regclass($1)"), &[&relation])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Every row of `table`: its id and its day relative to today, in id order.
+async fn log_ids(c: &tokio_postgres::Client, table: &str, column: &str) -> Vec<(String, i32)> {
+    let sql = format!("SELECT id::text, {column}::date - current_date FROM {table} ORDER BY id");
+    c.query(&sql, &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+#[tokio::test]
+async fn rows_in_a_default_partition_move_into_their_day_and_expire_with_it() {
+    let (_db, c, pool) = migrated().await;
+    // Yesterday and three days ahead have no partition (the sidecar was stopped), so their
+    // rows went to DEFAULT, as did rows of a day long past retention and of one within it.
+    for (table, _) in LOG_TABLES {
+        drop_partition(&c, table, -1).await;
+        drop_partition(&c, table, 3).await;
+        for (day, n) in [(-1, 3), (3, 2), (0, 1), (-10, 1), (-100, 2)] {
+            log_rows(&c, table, day, n).await;
+        }
+        assert_eq!(rows_in(&c, table, &format!("{table}_default")).await, 8, "{table}: all but today's");
+    }
+    let mut before = Vec::new();
+    for (table, column) in LOG_TABLES {
+        before.push(log_ids(&c, table, column).await);
+    }
+
+    let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!(done, Maintained { created: 8, failed: 0, dropped: 0 }, "two days in each of the four tables");
+
+    for ((table, column), before) in LOG_TABLES.into_iter().zip(before) {
+        let (yesterday, ahead, today) =
+            (partition(&c, table, -1).await, partition(&c, table, 3).await, partition(&c, table, 0).await);
+        let attached: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = to_regclass($1)
+                 AND inhrelid IN (to_regclass($2), to_regclass($3))",
+                &[&table, &yesterday, &ahead],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(attached, 2, "{table}: both days are partitions of it");
+        assert_eq!(rows_in(&c, table, &yesterday).await, 3, "{table}: yesterday's rows moved out of DEFAULT");
+        assert_eq!(rows_in(&c, table, &ahead).await, 2, "{table}: a future day's rows moved out of DEFAULT");
+        assert_eq!(
+            rows_in(&c, table, &format!("{table}_default")).await,
+            1,
+            "{table}: only the row within retention and outside the maintained days stays"
+        );
+        // Rows move between partitions, nothing else: no row lost, none twice, and the
+        // ones past retention deleted.
+        let kept: Vec<(String, i32)> = before.iter().filter(|(_, day)| *day != -100).cloned().collect();
+        assert_eq!(kept.len(), before.len() - 2);
+        assert_eq!(log_ids(&c, table, column).await, kept, "{table}");
+        // A moved day is a partition like the others: same indexes (the primary key among
+        // them), and new rows of that day go to it.
+        let indexes = "SELECT count(*) FROM pg_index WHERE indrelid = to_regclass($1)";
+        let today_indexes: i64 = c.query_one(indexes, &[&today]).await.unwrap().get(0);
+        let moved_indexes: i64 = c.query_one(indexes, &[&yesterday]).await.unwrap().get(0);
+        assert!(today_indexes >= 3, "{table}: {today_indexes} indexes");
+        assert_eq!(moved_indexes, today_indexes, "{table}");
+        log_rows(&c, table, -1, 1).await;
+        assert_eq!(rows_in(&c, table, &yesterday).await, 4, "{table}");
+    }
+
+    let again = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!(again, Maintained::default(), "nothing left to do");
+}
+
+#[tokio::test]
+async fn a_day_that_cannot_be_created_does_not_stop_the_others() {
+    let (_db, c, pool) = migrated().await;
+    for (table, _) in LOG_TABLES {
+        drop_partition(&c, table, 2).await;
+        drop_partition(&c, table, 3).await;
+    }
+    log_rows(&c, "query_logs", 2, 1).await;
+    log_rows(&c, "query_logs", 3, 1).await;
+    // A domain of the partition's name (not a relation, so not taken for the partition)
+    // makes CREATE TABLE fail for that day only.
+    let blocked = partition(&c, "query_logs", 2).await;
+    c.batch_execute(&format!("CREATE DOMAIN \"{blocked}\" AS int")).await.unwrap();
+
+    let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!((done.created, done.failed), (7, 1), "{done:?}");
+    let later = partition(&c, "query_logs", 3).await;
+    assert_eq!(rows_in(&c, "query_logs", &later).await, 1, "the day after the failed one was created and filled");
+    assert_eq!(rows_in(&c, "query_logs", "query_logs_default").await, 1, "the failed day's row waits, kept");
+    for (table, _) in LOG_TABLES.into_iter().filter(|(t, _)| *t != "query_logs") {
+        let day = partition(&c, table, 2).await;
+        let exists: bool = c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&day]).await.unwrap().get(0);
+        assert!(exists, "{day}: other tables' partitions of the same day were created");
+    }
+
+    c.batch_execute(&format!("DROP DOMAIN \"{blocked}\"")).await.unwrap();
+    let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!((done.created, done.failed), (1, 0), "the next round creates it");
+    assert_eq!(rows_in(&c, "query_logs", &blocked).await, 1);
+    assert_eq!(rows_in(&c, "query_logs", "query_logs_default").await, 0);
+
+    // The SQL function on its own (for operators) goes on past a failing day in one call.
+    let far = partition(&c, "audit_logs", 31).await;
+    c.batch_execute(&format!("CREATE DOMAIN \"{far}\" AS int")).await.unwrap();
+    let created: i32 = c.query_one("SELECT ensure_log_partitions(current_date + 30, 2)", &[]).await.unwrap().get(0);
+    assert_eq!(created, 4 * 3 - 1);
+    let after: bool = c
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&partition(&c, "audit_logs", 32).await])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(after, "the day after the failing one was created");
+}
+
+/// Waits (up to 5 s) until `done` holds, for a setting that arrives by NOTIFY.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what} within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_bulk_import_leaves_an_ingestion_row_whether_milvus_accepts_it_or_not() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    upstream.reply_with("Import", encode(&ImportResponse { status: Some(MilvusStatus::default()), tasks: vec![7] }));
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let import = encode(&ImportRequest {
+        collection_name: "docs".into(),
+        partition_name: "p2024".into(),
+        files: vec!["s3://bucket/part-0.parquet".into()],
+        ..Default::default()
+    });
+    client.unary_with("Import", as_alice(import.clone())).await.unwrap();
+    // Refused inside an OK reply, as Milvus reports most failures.
+    let refused = MilvusStatus { code: 2100, reason: "import is disabled".into(), ..Default::default() };
+    upstream.reply_with("Import", encode(&ImportResponse { status: Some(refused), ..Default::default() }));
+    client.unary_with("Import", as_alice(import.clone())).await.unwrap();
+    app.shutdown().await;
+
+    let c = db.client().await;
+    let rows = c
+        .query(
+            "SELECT i.operation, i.partition_name, i.rows_sent, i.bytes, i.success, i.error_message, i.username,
+                    c.collection_name
+             FROM ingestion_logs i LEFT JOIN collections c ON c.id = i.collection_id ORDER BY i.ingested_at",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "one ingestion row per import");
+    for (row, success) in rows.iter().zip([true, false]) {
+        assert_eq!(row.get::<_, String>(0), "import");
+        assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("p2024"));
+        assert_eq!(row.get::<_, Option<i64>>(2), None, "an import names files, not rows");
+        // As framed on the wire: the message and gRPC's 5-byte prefix.
+        assert_eq!(row.get::<_, Option<i64>>(3), Some(import.len() as i64 + 5), "the request's size");
+        assert_eq!(row.get::<_, bool>(4), success);
+        assert_eq!(row.get::<_, Option<String>>(6).as_deref(), Some("alice"));
+        assert_eq!(row.get::<_, Option<String>>(7).as_deref(), Some("docs"));
+    }
+    assert_eq!(rows[0].get::<_, Option<String>>(5), None);
+    assert_eq!(rows[1].get::<_, Option<String>>(5).as_deref(), Some("import is disabled"), "Milvus's reason");
+    let audit = c
+        .query("SELECT action, resource_type, details->'files'->>0, success FROM audit_logs ORDER BY occurred_at", &[])
+        .await
+        .unwrap();
+    let audit: Vec<(String, String, Option<String>, bool)> =
+        audit.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let file = Some("s3://bucket/part-0.parquet".to_string());
+    assert_eq!(
+        audit,
+        [("import".into(), "data".into(), file.clone(), true), ("import".into(), "data".into(), file, false)]
+    );
+}
+
+#[tokio::test]
+async fn audit_settings_extend_stop_and_resume_the_audit_while_running() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let admin = db.client().await;
+    let set = "UPDATE system_config SET config_value = $2 WHERE config_key = $1";
+    let insert = || encode(&InsertRequest { collection_name: "c".into(), num_rows: 10, ..Default::default() });
+    // Settings apply when the writer takes a record: each phase's rows are waited for
+    // before the next switch, so no record straddles one.
+    let mut calls = 0;
+    let mut written = |n: i64| {
+        calls += n;
+        db.wait_for_count("SELECT count(*) FROM performance_metrics", calls)
+    };
+
+    client.unary("Search", search("c")).await.unwrap();
+    assert_eq!(written(1).await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM audit_logs").await, 0, "reads are not audited by default");
+
+    admin.execute(set, &[&"audit_all_calls", &"true"]).await.unwrap();
+    until("audit_all_calls", || app.settings.audit_every_call()).await;
+    client.unary("Search", search("c")).await.unwrap();
+    client.unary("GetVersion", Bytes::new()).await.unwrap();
+    assert_eq!(written(2).await, 3);
+
+    admin.execute(set, &[&"enable_audit_logging", &"false"]).await.unwrap();
+    until("enable_audit_logging off", || !app.settings.audit()).await;
+    client.unary("Insert", insert()).await.unwrap();
+    client.unary("Search", search("c")).await.unwrap();
+    assert_eq!(written(2).await, 5);
+    assert_eq!(db.count("SELECT count(*) FROM ingestion_logs").await, 1, "only the audit stops");
+
+    admin.execute(set, &[&"enable_audit_logging", &"true"]).await.unwrap();
+    until("enable_audit_logging on", || app.settings.audit()).await;
+    client.unary("Insert", insert()).await.unwrap();
+    assert_eq!(written(1).await, 6);
+    app.shutdown().await;
+
+    let actions: Vec<String> = admin
+        .query("SELECT action FROM audit_logs ORDER BY occurred_at", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(actions, ["search", "get_version", "insert"], "reads while extended, nothing while off");
+}
+
+#[tokio::test]
+async fn skip_migrations_leaves_an_empty_database_untouched() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let spill = tempdir::Dir::new();
+    let tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'";
+    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
+    config.database = DatabaseArgs::from_url(&db.url());
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill.path.clone();
+    config.recording.skip_migrations = true;
+    let Err(e) = App::start(config.clone()).await else { panic!("started on a database without a schema") };
+    assert!(format!("{e:#}").contains("cannot read system_config"), "{e:#}");
+    assert_eq!(db.count(tables).await, 0, "no migration ran");
+
+    // The same through the command line flag.
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_milvus-sidecar"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--no-auth", "--skip-migrations"])
+        .args(["--upstream", &format!("http://{}", upstream.addr), "--database-url", &db.url()])
+        .arg("--spill-dir")
+        .arg(&spill.path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            panic!("serve --skip-migrations kept running on a database without a schema");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("system_config"), "{stderr}");
+    assert_eq!(db.count(tables).await, 0, "no migration ran");
+
+    // Without it, the same start-up migrates.
+    config.recording.skip_migrations = false;
+    let app = App::start(config).await.expect("migrates, then starts");
+    assert_eq!(db.count("SELECT count(*) FROM refinery_schema_history").await, 3);
+    app.shutdown().await;
 }

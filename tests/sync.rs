@@ -1,19 +1,23 @@
 //! `milvus-sidecar sync`: the mirror is brought in step with what a real Milvus-protocol
 //! server (milvus-lite) holds, in a real PostgreSQL; collections created or dropped behind
-//! the sidecar's back appear or go, and a sync with nothing new changes nothing.
+//! the sidecar's back appear or go, and a sync with nothing new changes nothing. The
+//! sidecar syncs by itself at start-up, and renames and index drops made through it follow.
 
 mod common;
 
 use std::collections::HashMap;
 use std::process::Command;
 
+use bytes::Bytes;
 use common::fake::FakeUpstream;
 use common::lite::MilvusLite;
 use common::pg::TestDb;
-use common::{encode, unused_addr};
+use common::{RawClient, encode, unused_addr};
 use milvus::client::Client;
 use milvus::index::{IndexParams, IndexType, MetricType};
 use milvus::schema::{CollectionSchemaBuilder, FieldSchema};
+use milvus_sidecar::App;
+use milvus_sidecar::config::{Config, DatabaseArgs};
 use milvus_sidecar::proxy::Upstream;
 use milvus_sidecar::store::migrate;
 use milvus_sidecar::sync::{self, SyncError};
@@ -380,4 +384,125 @@ async fn without_milvus_sync_fails_clearly_and_changes_nothing() {
     assert!(!out.status.success());
     assert!(stderr.contains("cannot connect to PostgreSQL"), "{stderr}");
     assert_eq!(mirror_rows(&client).await, before, "nothing changed");
+}
+
+/// The sidecar in front of `upstream`, recording into `db` (migrated at start-up).
+async fn start_app(upstream: std::net::SocketAddr, db: &TestDb, spill: &common::TempDir) -> App {
+    let mut config = Config::local(format!("http://{upstream}").parse().unwrap());
+    config.database = DatabaseArgs::from_url(&db.url());
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill.path.clone();
+    config.drain_timeout = std::time::Duration::from_secs(5);
+    App::start(config).await.expect("sidecar with recording starts")
+}
+
+const LIVE_DOCS: &str = "SELECT count(*) FROM collections
+     WHERE database_name = 'default' AND collection_name = 'docs' AND status = 'active' AND dimension = 8";
+
+#[tokio::test]
+async fn collections_milvus_held_before_the_sidecar_started_join_the_mirror_at_start_up() {
+    let lite = MilvusLite::start().await;
+    let milvus = Client::new(format!("http://{}", lite.addr)).await.expect("connect to milvus-lite");
+    create_collection(&milvus, "docs", 8).await;
+    milvus.create_partition("docs".into(), "p2024".into()).await.expect("create partition");
+    let db = TestDb::create().await;
+    let spill = common::TempDir::new("sync-spill");
+
+    // No call goes through the sidecar and `milvus-sidecar sync` is not run: only the
+    // start-up sync can put these rows there.
+    let app = start_app(lite.addr, &db, &spill).await;
+    assert_eq!(db.wait_for_count(LIVE_DOCS, 1).await, 1, "docs, with its schema's dimension");
+    let client = db.client().await;
+    let partitions = partitions_of(&client, "docs").await;
+    assert_eq!(partitions, HashMap::from([("p2024".to_string(), "active".to_string())]));
+    let fields: serde_json::Value =
+        client.query_one("SELECT fields FROM collections WHERE collection_name = 'docs'", &[]).await.unwrap().get(0);
+    assert_eq!(fields[1]["name"], "vec", "{fields}");
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 0, "nothing was called through it");
+}
+
+/// Milvus's reply to a call that returns a bare `common.Status`, checked to be a success.
+// `error_code` is deprecated in the proto but still the only code some servers set.
+#[allow(deprecated)]
+fn accepted(reply: tonic::Response<Bytes>) {
+    let status: milvus::proto::common::Status = prost013::Message::decode(reply.into_inner()).unwrap();
+    assert!(status.code == 0 && status.error_code == 0, "Milvus refused: {status:?}");
+}
+
+#[tokio::test]
+async fn renames_and_index_drops_through_the_sidecar_follow_into_the_mirror() {
+    use milvus::proto::common::KeyValuePair;
+    use milvus::proto::milvus::{CreateIndexRequest, DropIndexRequest, RenameCollectionRequest};
+    let lite = MilvusLite::start().await;
+    let milvus = Client::new(format!("http://{}", lite.addr)).await.expect("connect to milvus-lite");
+    create_collection(&milvus, "docs", 8).await;
+    let db = TestDb::create().await;
+    let spill = common::TempDir::new("sync-spill");
+    let app = start_app(lite.addr, &db, &spill).await;
+    // Once the start-up sync has mirrored docs it is over: it cannot race the calls below.
+    assert_eq!(db.wait_for_count(LIVE_DOCS, 1).await, 1);
+    let client = db.client().await;
+    let docs_id: uuid::Uuid =
+        client.query_one("SELECT id FROM collections WHERE collection_name = 'docs'", &[]).await.unwrap().get(0);
+    let mut sidecar = RawClient::connect(app.running.listen_addr).await;
+
+    let kv = |key: &str, value: &str| KeyValuePair { key: key.into(), value: value.into() };
+    let create_index = CreateIndexRequest {
+        collection_name: "docs".into(),
+        field_name: "vec".into(),
+        index_name: "vec_idx".into(),
+        extra_params: vec![kv("index_type", "FLAT"), kv("metric_type", "L2"), kv("params", "{}")],
+        ..Default::default()
+    };
+    accepted(sidecar.unary("CreateIndex", encode(&create_index)).await.unwrap());
+    let rename = RenameCollectionRequest { old_name: "docs".into(), new_name: "papers".into(), ..Default::default() };
+    accepted(sidecar.unary("RenameCollection", encode(&rename)).await.unwrap());
+    let live_papers = "SELECT count(*) FROM collections WHERE collection_name = 'papers' AND status = 'active'";
+    assert_eq!(db.wait_for_count(live_papers, 1).await, 1);
+    let renamed = client
+        .query_one("SELECT id, database_name, dimension FROM collections WHERE collection_name = 'papers'", &[])
+        .await
+        .unwrap();
+    assert_eq!(renamed.get::<_, uuid::Uuid>(0), docs_id, "the same row, renamed, with its history and grants");
+    assert_eq!(renamed.get::<_, String>(1), "default");
+    assert_eq!(renamed.get::<_, Option<i32>>(2), Some(8));
+    assert_eq!(status_of(&client, "default", "docs").await, Vec::<String>::new(), "no row is left under the old name");
+
+    let drop_index = DropIndexRequest {
+        collection_name: "papers".into(),
+        field_name: "vec".into(),
+        index_name: "vec_idx".into(),
+        ..Default::default()
+    };
+    accepted(sidecar.unary("DropIndex", encode(&drop_index)).await.unwrap());
+    let dropped = "SELECT count(*) FROM index_management WHERE index_name = 'vec_idx' AND state = 'dropped'";
+    assert_eq!(db.wait_for_count(dropped, 1).await, 1);
+    let index = client
+        .query_one(
+            "SELECT collection_id, field_name, index_type FROM index_management WHERE index_name = 'vec_idx'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(index.get::<_, uuid::Uuid>(0), docs_id, "the index followed its collection's rename");
+    assert_eq!(index.get::<_, String>(1), "vec");
+    assert_eq!(index.get::<_, Option<String>>(2).as_deref(), Some("FLAT"));
+    assert!(milvus.list_collections().await.unwrap().contains(&"papers".to_string()), "Milvus renamed it too");
+    app.shutdown().await;
+
+    let audit = client
+        .query("SELECT action, resource_id, details->>'new_name' FROM audit_logs ORDER BY occurred_at", &[])
+        .await
+        .unwrap();
+    let audit: Vec<(String, Option<String>, Option<String>)> =
+        audit.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        audit,
+        [
+            ("create_index".into(), Some("default.docs/vec_idx".into()), None),
+            ("rename_collection".into(), Some("default.docs".into()), Some("papers".into())),
+            ("drop_index".into(), Some("default.papers/vec_idx".into()), None),
+        ]
+    );
 }
