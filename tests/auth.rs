@@ -6,13 +6,15 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::bin::Process;
 use common::fake::FakeUpstream;
 use common::pg::TestDb;
 use common::relay::Relay;
 use common::{RawClient, encode, http_get};
 use milvus::proto::common::Status as MilvusStatus;
 use milvus::proto::milvus::{
-    CreateCollectionRequest, CreateIndexRequest, InsertRequest, SearchRequest, SearchResults, ShowCollectionsResponse,
+    CreateCollectionRequest, CreateIndexRequest, DescribeIndexRequest, DescribeIndexResponse, DropIndexRequest,
+    InsertRequest, MutationResult, SearchRequest, SearchResults, ShowCollectionsResponse,
 };
 use milvus_sidecar::App;
 use milvus_sidecar::config::{AuthArgs, Config, DatabaseArgs};
@@ -303,8 +305,125 @@ async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
     call(&s, "Search", None, search("docs")).await.expect("anonymous is alice");
     let status = call(&s, "Search", None, search("secret")).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    s.db.client().await.batch_execute("SELECT 1").await.unwrap();
+
+    // carol has no grant at all. The revoke comes last: once alice is refused, every
+    // earlier change (carol's row included) has reached the sidecar, and alice's (now
+    // empty) grants are cached again, so nothing invalidates them during the outage.
+    let c = s.db.client().await;
+    let hash = milvus_sidecar::auth::password::hash("carol-pw");
+    c.execute("INSERT INTO users (username, role, password_hash) VALUES ('carol', 'user', $1)", &[&hash])
+        .await
+        .unwrap();
+    c.batch_execute("DELETE FROM permissions").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while call(&s, "Search", None, search("docs")).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the revoke was not seen within 2 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Connect needs no grant: carol's credential is cached, her grants never loaded.
+    call(&s, "Connect", Some("carol:carol-pw"), Bytes::new()).await.expect("carol connects");
+
+    s.relay.as_ref().unwrap().cut();
+    let searches = s.upstream.count("Search");
+    // Uncached grants and PostgreSQL away: let through unchecked, even on a collection
+    // carol was never granted, and forwarded as sent.
+    call(&s, "Search", Some("carol:carol-pw"), search("secret")).await.expect("fail-open lets carol through");
+    assert_eq!(s.upstream.count("Search"), searches + 1, "the call reached Milvus");
+    assert_eq!(s.upstream.last("Search").unwrap().body, common::framed(&search("secret")));
+
+    // Fail-open is for uncached grants only. A cached decision still decides...
+    let status = call(&s, "Search", None, search("docs")).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "alice's cached (empty) grants: {status:?}");
+    // ...rules that need no PostgreSQL still refuse...
+    let status = call(&s, "CreateCredential", Some("carol:carol-pw"), Bytes::new()).await.unwrap_err();
+    assert_eq!(status.message(), "PrivilegeCreateOwnership: permission deny to carol");
+    // ...and a credential that cannot be checked is not taken on trust: a user never
+    // seen, an unknown one and a wrong password are UNAVAILABLE, not let in.
+    for credential in ["root:Milvus", "nobody:pw", "carol:not-her-password"] {
+        let status = call(&s, "Search", Some(credential), search("docs")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{credential}: {status:?}");
+        assert!(status.message().contains("PostgreSQL"), "{credential}: {}", status.message());
+    }
+    // Headers that are wrong on their face need no PostgreSQL to be refused.
+    let status = call(&s, "Search", Some("an-api-key"), search("docs")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(s.upstream.count("Search"), searches + 1, "only carol's search was forwarded");
+    let (_, scrape) = http_get(s.app.running.admin_addr, "/metrics").await;
+    // carol's search let through, and the three credentials that could not be checked.
+    assert_eq!(sample(&scrape, r#"milvus_sidecar_auth_decisions_total{decision="unavailable"}"#), 4.0, "{scrape}");
+
+    // Back to normal once PostgreSQL returns: carol's grants are read, and refuse.
+    s.relay.as_ref().unwrap().restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match call(&s, "Search", Some("carol:carol-pw"), search("secret")).await {
+            Err(status) if status.code() == Code::PermissionDenied => break,
+            other => assert!(std::time::Instant::now() < deadline, "carol still let through: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     s.app.shutdown().await;
+}
+
+#[tokio::test]
+async fn index_changes_need_an_admin_grant_and_read_or_write_is_not_enough() {
+    let s = setup().await;
+    // walter writes to docs, adam administers it; both have role `user`, so the grant
+    // alone decides.
+    let c = s.db.client().await;
+    let hash = milvus_sidecar::auth::password::hash("pw");
+    for (user, level) in [("walter", "write"), ("adam", "admin")] {
+        c.execute("INSERT INTO users (username, role, password_hash) VALUES ($1, 'user', $2)", &[&user, &hash])
+            .await
+            .unwrap();
+        c.execute(
+            "INSERT INTO permissions (user_id, collection_id, permission_type)
+             SELECT u.id, c.id, $2 FROM users u, collections c WHERE u.username = $1 AND c.collection_name = 'docs'",
+            &[&user, &level],
+        )
+        .await
+        .unwrap();
+    }
+    let ok = MilvusStatus::default();
+    s.upstream.reply_with("DropIndex", encode(&ok));
+    s.upstream
+        .reply_with("DescribeIndex", encode(&DescribeIndexResponse { status: Some(ok.clone()), ..Default::default() }));
+    s.upstream.reply_with("Insert", encode(&MutationResult { status: Some(ok), insert_cnt: 1, ..Default::default() }));
+    let create =
+        encode(&CreateIndexRequest { collection_name: "docs".into(), field_name: "vec".into(), ..Default::default() });
+    let drop = encode(&DropIndexRequest {
+        collection_name: "docs".into(),
+        field_name: "vec".into(),
+        index_name: "vec".into(),
+        ..Default::default()
+    });
+
+    // Their grants do work, so the refusals below are about the level alone.
+    let describe = encode(&DescribeIndexRequest { collection_name: "docs".into(), ..Default::default() });
+    call(&s, "DescribeIndex", Some("alice:alice-pw"), describe).await.expect("read may describe the index");
+    let insert = encode(&InsertRequest { collection_name: "docs".into(), num_rows: 1, ..Default::default() });
+    call(&s, "Insert", Some("walter:pw"), insert).await.expect("write may insert");
+    for (credential, user) in [("alice:alice-pw", "alice"), ("walter:pw", "walter")] {
+        for (method, body, privilege) in
+            [("CreateIndex", &create, "PrivilegeCreateIndex"), ("DropIndex", &drop, "PrivilegeDropIndex")]
+        {
+            let status = call(&s, method, Some(credential), body.clone()).await.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{user} {method}: {status:?}");
+            assert_eq!(status.message(), format!("{privilege}: permission deny to {user} on collection default.docs"));
+        }
+    }
+    assert_eq!(s.upstream.count("CreateIndex") + s.upstream.count("DropIndex"), 0, "no refused call reached Milvus");
+
+    call(&s, "CreateIndex", Some("adam:pw"), create.clone()).await.expect("an admin grant may create the index");
+    call(&s, "DropIndex", Some("adam:pw"), drop.clone()).await.expect("an admin grant may drop the index");
+    assert_eq!(s.upstream.last("CreateIndex").unwrap().body, common::framed(&create));
+    assert_eq!(s.upstream.last("DropIndex").unwrap().body, common::framed(&drop));
+    assert_eq!(s.upstream.count("CreateIndex") + s.upstream.count("DropIndex"), 2);
+    s.app.shutdown().await;
+    let refused =
+        s.db.count("SELECT count(*) FROM audit_logs WHERE grpc_code = 7 AND action IN ('create_index', 'drop_index')")
+            .await;
+    assert_eq!(refused, 4, "every refusal is audited");
 }
 
 #[tokio::test]
@@ -486,4 +605,149 @@ async fn a_burst_of_new_callers_costs_one_password_check_and_user_changes_no_mor
     }
     call(&s, "Search", Some("alice:new-pw"), search("docs")).await.expect("the new password works");
     s.app.shutdown().await;
+}
+
+// ---- the binary itself: what it logs, from start-up to exit ----
+
+/// `serve` arguments for the binary in front of `upstream`, recording into `db`.
+fn serve_args(db: &TestDb, upstream: &FakeUpstream, spill: &common::TempDir) -> Vec<String> {
+    vec![
+        "--upstream".into(),
+        format!("http://{}", upstream.addr),
+        "--database-url".into(),
+        db.url(),
+        "--spill-dir".into(),
+        spill.path.display().to_string(),
+    ]
+}
+
+/// Runs the binary once, has `root:password` make one call (proving which password root
+/// has), stops it and returns its log.
+async fn serve_once(args: &[String], env: &[(&str, &str)], root_password: &str) -> String {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = Process::serve(&args, env).await;
+    let mut client = RawClient::connect(p.listen).await;
+    let mut request = tonic::Request::new(Bytes::new());
+    request.metadata_mut().insert("authorization", token(&format!("root:{root_password}")));
+    let reply = client.unary_with("GetVersion", request).await;
+    let (status, log) = p.stop().await;
+    assert!(reply.is_ok(), "root:{root_password} is refused: {reply:?}\n{log}");
+    assert_eq!(status.code(), Some(0), "{log}");
+    log
+}
+
+const DEFAULT_PASSWORD_WARNING: &str = "SECURITY: user root still has the default password 'Milvus'";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_is_warned_about_while_its_password_is_the_default() {
+    let db = TestDb::create().await;
+    let upstream = FakeUpstream::start().await;
+    let spill = common::TempDir::new("auth-root-spill");
+    let args = serve_args(&db, &upstream, &spill);
+    let env = [("RUST_LOG", "info")];
+    let warnings = |log: &str| log.lines().filter(|l| l.contains(DEFAULT_PASSWORD_WARNING)).count();
+
+    let log = serve_once(&args, &env, "Milvus").await;
+    assert!(log.contains("created the root admin user"), "{log}");
+    assert_eq!(warnings(&log), 1, "{log}");
+    let line = log.lines().find(|l| l.contains(DEFAULT_PASSWORD_WARNING)).unwrap();
+    assert!(line.contains(" WARN "), "the warning is at warn level: {line}");
+
+    // Not only when root is created: every start warns while the default stays.
+    let log = serve_once(&args, &env, "Milvus").await;
+    assert!(!log.contains("created the root admin user"), "root exists already: {log}");
+    assert_eq!(warnings(&log), 1, "{log}");
+
+    let set = std::process::Command::new(common::bin::BIN)
+        .args(["user", "set-password", "root", "--password-stdin", "--database-url", &db.url()])
+        .env_clear()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    set.stdin.as_ref().unwrap().write_all(b"Changed-Root-Pw\n").unwrap();
+    let out = set.wait_with_output().unwrap();
+    assert!(out.status.success(), "set-password: {}", String::from_utf8_lossy(&out.stderr));
+    let log = serve_once(&args, &env, "Changed-Root-Pw").await;
+    assert_eq!(warnings(&log), 0, "the password was changed: {log}");
+
+    // A fresh database given another initial password never had the default.
+    let db = TestDb::create().await;
+    let args = serve_args(&db, &upstream, &spill);
+    let env = [("RUST_LOG", "info"), ("MILVUS_SIDECAR_ROOT_PASSWORD", "Initial-Root-Pw")];
+    let log = serve_once(&args, &env, "Initial-Root-Pw").await;
+    assert!(log.contains("created the root admin user"), "{log}");
+    assert_eq!(warnings(&log), 0, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_password_reaches_the_log_at_debug_level_or_any_row() {
+    let db = TestDb::create().await;
+    let upstream = FakeUpstream::start().await;
+    let ok = MilvusStatus::default();
+    upstream.reply_with("Search", encode(&SearchResults { status: Some(ok.clone()), ..Default::default() }));
+    let spill = common::TempDir::new("auth-leak-spill");
+    let args = serve_args(&db, &upstream, &spill);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Distinct strings, found nowhere else, so that any occurrence is a leak.
+    let root_pw = "Root-Pw-7c1e";
+    let alice_pw = "Alice-Pw-3b9d";
+    let env = [("RUST_LOG", "debug"), ("MILVUS_SIDECAR_ROOT_PASSWORD", root_pw)];
+    let p = Process::serve(&args, &env).await;
+    let c = db.client().await;
+    let hash = milvus_sidecar::auth::password::hash(alice_pw);
+    c.execute("INSERT INTO users (username, role, password_hash) VALUES ('alice', 'user', $1)", &[&hash])
+        .await
+        .unwrap();
+
+    let garbage = "%%%Garbage-Pw-1f6b";
+    let not_utf8 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b"\xffroot:Bytes-Pw-5a0c")
+    };
+    let headers: Vec<(String, Option<Code>)> = vec![
+        (token(&format!("root:{root_pw}")).to_str().unwrap().into(), None),
+        (token(&format!("alice:{alice_pw}")).to_str().unwrap().into(), Some(Code::PermissionDenied)),
+        (token("root:Wrong-Pw-5e2a").to_str().unwrap().into(), Some(Code::Unauthenticated)),
+        (token("ghost:Ghost-Pw-8d4f").to_str().unwrap().into(), Some(Code::Unauthenticated)),
+        (token("ApiKey-Secret-4a7c").to_str().unwrap().into(), Some(Code::Unauthenticated)),
+        (garbage.into(), Some(Code::Unauthenticated)),
+        (not_utf8.clone(), Some(Code::Unauthenticated)),
+    ];
+    let mut client = RawClient::connect(p.listen).await;
+    for (header, refused) in &headers {
+        for (method, body) in [("Connect", Bytes::new()), ("Search", search("docs"))] {
+            let mut request = tonic::Request::new(body);
+            request.metadata_mut().insert("authorization", header.parse().unwrap());
+            let reply = client.unary_with(method, request).await;
+            // Connect needs no grant: alice is refused only her search.
+            let want = if method == "Connect" && *refused == Some(Code::PermissionDenied) { None } else { *refused };
+            assert_eq!(reply.as_ref().err().map(|s| s.code()), want, "{header} {method}: {reply:?}");
+        }
+    }
+    let (status, log) = p.stop().await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    // The log did capture the calls at debug level, refusals included.
+    assert!(log.contains(" DEBUG "), "no debug lines: {log}");
+    assert!(log.contains("milvus_sidecar::call"), "no per-call lines: {log}");
+    assert!(log.contains("invalid token format"), "the garbage header's refusal is not logged: {log}");
+
+    let secrets =
+        [root_pw, alice_pw, "Wrong-Pw-5e2a", "Ghost-Pw-8d4f", "ApiKey-Secret-4a7c", "Garbage-Pw-1f6b", "Bytes-Pw-5a0c"];
+    for secret in secrets {
+        assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
+        assert_eq!(db.rows_containing(secret).await, 0, "{secret} is in a row");
+    }
+    // Nor a hash to guess passwords against offline.
+    assert!(!log.contains("$argon2"), "a password hash is in the log:\n{log}");
+    // Nor the header as sent (base64 hides nothing).
+    for (header, _) in &headers {
+        assert!(!log.contains(header.as_str()), "the header {header} is in the log:\n{log}");
+        assert_eq!(db.rows_containing(header).await, 0, "the header {header} is in a row");
+    }
+    // Every call was recorded before the exit, so the rows above were there to leak.
+    let audited = db.count("SELECT count(*) FROM audit_logs WHERE grpc_code = 16").await;
+    assert_eq!(audited, 10, "five bad credentials, two calls each");
 }

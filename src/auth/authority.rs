@@ -532,7 +532,7 @@ pub async fn bootstrap_root(pool: &Pool, initial_password: &str) -> anyhow::Resu
             conn.execute(
                 "INSERT INTO users (id, username, role, password_hash) VALUES ($1, 'root', 'admin', $2)
                  ON CONFLICT (username) DO NOTHING",
-                &[&Uuid::now_v7(), &hash],
+                &[&Uuid::now_v7(), &super::password::HashParam(&hash)],
             )
             .await?;
             tracing::info!("created the root admin user");

@@ -3,6 +3,7 @@
 //! in-process in front of whichever upstream a test picks.
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod bin;
 pub mod certs;
 pub mod fake;
 pub mod lite;
@@ -103,6 +104,13 @@ impl RawClient {
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         RawClient { grpc }
+    }
+
+    /// A client that connects at its first call: for an address that may refuse, where
+    /// the call's status is what a test looks at.
+    pub fn connect_lazy(addr: SocketAddr) -> RawClient {
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        RawClient { grpc: tonic::client::Grpc::new(channel) }
     }
 
     pub async fn unary(&mut self, method: &str, body: Bytes) -> Result<tonic::Response<Bytes>, tonic::Status> {

@@ -60,6 +60,26 @@ impl TestDb {
         self.client().await.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// How many rows, of every table, hold `needle` anywhere (as JSON text).
+    pub async fn rows_containing(&self, needle: &str) -> i64 {
+        let client = self.client().await;
+        let tables = client
+            .query(
+                "SELECT quote_ident(table_name) FROM information_schema.tables
+                 WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut found = 0;
+        for table in tables {
+            let table: String = table.get(0);
+            let sql = format!("SELECT count(*) FROM {table} x WHERE strpos(row_to_json(x)::text, $1) > 0");
+            found += client.query_one(&sql, &[&needle]).await.unwrap().get::<_, i64>(0);
+        }
+        found
+    }
+
     /// Polls `sql` (a count) until it returns `want` or 10 s pass; returns the last value.
     pub async fn wait_for_count(&self, sql: &str, want: i64) -> i64 {
         let client = self.client().await;

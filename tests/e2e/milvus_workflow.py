@@ -23,6 +23,9 @@ from pymilvus.exceptions import MilvusException
 
 COLLECTION = "e2e_workflow"
 QUICK_COLLECTION = "e2e_quick"
+# Created with an explicit schema and index_params in one create_collection call.
+INDEXED_COLLECTION = "e2e_indexed"
+INDEXED_FIELD = "embedding"
 PARTITION = "e2e_part"
 DIM = 8
 N_ROWS = 1000
@@ -290,11 +293,31 @@ def run_workflow(uri: str, token: str | None = None, on_step: StepHook | None = 
         step("list_partitions(after drop)", lambda: client.list_partitions(COLLECTION))
         step("drop_collection", lambda: client.drop_collection(COLLECTION))
         step("drop_collection(quick)", lambda: client.drop_collection(QUICK_COLLECTION))
+
+        # Schema and index in one call: pymilvus creates the collection, then the index,
+        # then loads it (three RPCs the sidecar sees one after the other).
+        def create_with_schema_and_index():
+            schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description="e2e indexed")
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field(INDEXED_FIELD, DataType.FLOAT_VECTOR, dim=DIM)
+            schema.add_field("label", DataType.VARCHAR, max_length=32)
+            params = client.prepare_index_params()
+            # (No index_name: milvus-lite ignores one and names the index after the field.)
+            params.add_index(INDEXED_FIELD, **HNSW)
+            return client.create_collection(INDEXED_COLLECTION, schema=schema, index_params=params)
+
+        step("create_collection(schema, index_params)", create_with_schema_and_index)
+        step("describe_collection(indexed)", lambda: client.describe_collection(INDEXED_COLLECTION))
+        step("list_indexes(indexed)", lambda: sorted(client.list_indexes(INDEXED_COLLECTION)))
+        step("describe_index(indexed)", lambda: client.describe_index(INDEXED_COLLECTION, INDEXED_FIELD))
+        step("get_load_state(indexed)", lambda: client.get_load_state(INDEXED_COLLECTION))
+        step("drop_collection(indexed)", lambda: client.drop_collection(INDEXED_COLLECTION))
+        step("has_collection(indexed, after drop)", lambda: client.has_collection(INDEXED_COLLECTION))
         step("has_collection(after drop)", lambda: client.has_collection(COLLECTION))
         step("list_collections(end)", client.list_collections, lambda r: sorted(r))
     finally:
         # Leave the server as we found it even when a step failed half-way.
-        for name in (COLLECTION, QUICK_COLLECTION):
+        for name in (COLLECTION, QUICK_COLLECTION, INDEXED_COLLECTION):
             try:
                 if client.has_collection(name):
                     client.drop_collection(name)

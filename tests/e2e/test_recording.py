@@ -28,6 +28,8 @@ from pymilvus.exceptions import MilvusException
 from milvus_workflow import (
     COLLECTION,
     DIM,
+    INDEXED_COLLECTION,
+    INDEXED_FIELD,
     N_PARTITION_ROWS,
     N_ROWS,
     NQ,
@@ -52,7 +54,8 @@ AFTER_DROP_PARTITION = "drop_partition"
 SNAPSHOT_AFTER = (AFTER_INDEXES, AFTER_STATS, AFTER_DROP_PARTITION)
 
 # The workflow's state-changing calls, in order: (audit action, resource_type, collection).
-# create_collection(quick) is CreateCollection + CreateIndex (AUTOINDEX) + LoadCollection.
+# create_collection(quick) is CreateCollection + CreateIndex (AUTOINDEX) + LoadCollection,
+# and so is create_collection(schema, index_params), with the index given.
 EXPECTED_AUDIT = [
     ("create_collection", "collection", COLLECTION),
     ("create_collection", "collection", QUICK_COLLECTION),
@@ -73,6 +76,10 @@ EXPECTED_AUDIT = [
     ("drop_partition", "partition", COLLECTION),
     ("drop_collection", "collection", COLLECTION),
     ("drop_collection", "collection", QUICK_COLLECTION),
+    ("create_collection", "collection", INDEXED_COLLECTION),
+    ("create_index", "index", INDEXED_COLLECTION),
+    ("load_collection", "collection", INDEXED_COLLECTION),
+    ("drop_collection", "collection", INDEXED_COLLECTION),
 ]
 
 EXPECTED_FIELDS = {
@@ -86,6 +93,11 @@ EXPECTED_FIELDS = {
     QUICK_COLLECTION: [
         {"name": "id", "data_type": "Int64", "is_primary_key": True},
         {"name": "vector", "data_type": "FloatVector", "dim": DIM},
+    ],
+    INDEXED_COLLECTION: [
+        {"name": "id", "data_type": "Int64", "is_primary_key": True},
+        {"name": INDEXED_FIELD, "data_type": "FloatVector", "dim": DIM},
+        {"name": "label", "data_type": "VarChar"},
     ],
 }
 
@@ -394,7 +406,12 @@ def test_audit_logs_name_every_state_change(recorded):
     assert [row["resource_id"] for row in partition_rows] == [f"{DATABASE}.{COLLECTION}/{PARTITION}"] * 2
     index_ids = sorted(row["resource_id"] for row in got if row["action"] == "create_index")
     assert index_ids == sorted(
-        [f"{DATABASE}.{COLLECTION}/vec", f"{DATABASE}.{COLLECTION}/vec2", f"{DATABASE}.{QUICK_COLLECTION}/vector"]
+        [
+            f"{DATABASE}.{COLLECTION}/vec",
+            f"{DATABASE}.{COLLECTION}/vec2",
+            f"{DATABASE}.{QUICK_COLLECTION}/vector",
+            f"{DATABASE}.{INDEXED_COLLECTION}/{INDEXED_FIELD}",
+        ]
     )
     inserts = [row["details"].get("rows") for row in got if row["action"] in ("insert", "upsert")]
     assert inserts == [N_ROWS, N_PARTITION_ROWS, 5, 20]
@@ -497,6 +514,29 @@ def test_mirror_at_the_end_everything_dropped(recorded):
     assert len(state["indexes"]) == 3 and all(i["state"] == "dropped" for i in state["indexes"]), state["indexes"]
     assert not {COLLECTION, QUICK_COLLECTION} & set(state["stats"]), "collection_stats lists live collections only"
     assert not [p for p in state["permissions"] if p[0] in (COLLECTION, QUICK_COLLECTION)], "grants die with the collection"
+
+
+def test_mirror_of_a_collection_created_with_its_index_in_one_call(recorded):
+    """create_collection(schema=..., index_params=...): the mirror has the collection with
+    its fields, and the index with the parameters given, both dropped at the end."""
+    r = recorded
+    r.settle()
+    state = mirror_state(r.db)
+    c = one(by_collection(state["collections"], INDEXED_COLLECTION), f"collections row for {INDEXED_COLLECTION}")
+    assert c["status"] == "dropped" and c["dropped_at"] is not None, c
+    assert c["created_by"] == r.user_id, c
+    assert c["dimension"] == DIM, c
+    assert field_summary(c["fields"]) == EXPECTED_FIELDS[INDEXED_COLLECTION], c["fields"]
+    i = one(by_collection(state["indexes"], INDEXED_COLLECTION), f"index row for {INDEXED_COLLECTION}")
+    assert (i["field_name"], i["index_name"], i["index_type"], i["metric_type"], i["state"]) == (
+        INDEXED_FIELD,
+        INDEXED_FIELD,
+        "HNSW",
+        "L2",
+        "dropped",
+    ), i
+    assert i["params"].get("M") == "16" and i["params"].get("efConstruction") == "200", i
+    assert not [p for p in state["permissions"] if p[0] == INDEXED_COLLECTION], "grants die with the collection"
 
 
 # ---------------------------------------------------------------- a failed call

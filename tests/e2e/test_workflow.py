@@ -9,7 +9,16 @@ import re
 
 import pytest
 
-from milvus_workflow import COLLECTION, N_PARTITION_ROWS, N_ROWS, NQ, TOP_K, run_workflow
+from milvus_workflow import (
+    COLLECTION,
+    INDEXED_COLLECTION,
+    INDEXED_FIELD,
+    N_PARTITION_ROWS,
+    N_ROWS,
+    NQ,
+    TOP_K,
+    run_workflow,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +59,22 @@ def test_direct_workflow_is_sane(transcripts):
     assert [r["id"] for r in result_of(direct, "query")["rows"]] == list(range(12))
     assert result_of(direct, "get_load_state") == {"state": "LoadState.Loaded"}
     assert COLLECTION not in result_of(direct, "list_collections(end)")
+
+    # Schema and index_params in one create_collection call: the index exists and is
+    # built, and the collection is loaded (which only index_params makes pymilvus do).
+    fields = result_of(direct, "describe_collection(indexed)")["fields"]
+    assert [f["name"] for f in fields] == ["id", INDEXED_FIELD, "label"]
+    assert result_of(direct, "list_indexes(indexed)") == [INDEXED_FIELD]
+    index = result_of(direct, "describe_index(indexed)")
+    assert (index["field_name"], index["index_type"], index["metric_type"], index["state"]) == (
+        INDEXED_FIELD,
+        "HNSW",
+        "L2",
+        "Finished",
+    )
+    assert result_of(direct, "get_load_state(indexed)") == {"state": "LoadState.Loaded"}
+    assert result_of(direct, "has_collection(indexed, after drop)") is False
+    assert INDEXED_COLLECTION not in result_of(direct, "list_collections(end)")
 
 
 def test_sidecar_transcript_matches_direct(transcripts):
