@@ -57,7 +57,7 @@ pub async fn create(args: UserCreateArgs) -> Result<Outcome, CliError> {
     let inserted = client
         .execute(
             "INSERT INTO users (username, email, password_hash, role) VALUES ($1, $2, $3, $4)",
-            &[&args.name, &args.email, &hash, &args.role.as_str()],
+            &[&args.name, &args.email, &password::HashParam(&hash), &args.role.as_str()],
         )
         .await;
     match inserted {
@@ -79,7 +79,10 @@ pub async fn set_password(args: SetPasswordArgs) -> Result<Outcome, CliError> {
     let user = find_user(&client, &args.name).await?;
     let hash = password::hash(&read_new_password(args.password_stdin)?);
     let updated = client
-        .execute("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1", &[&user.id, &hash])
+        .execute(
+            "UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1",
+            &[&user.id, &password::HashParam(&hash)],
+        )
         .await?;
     if updated == 0 {
         return Err(CliError::NotFound(format!("no user named {:?}", args.name)));
