@@ -207,8 +207,11 @@ pub struct Config {
     #[arg(long, env = "MILVUS_SIDECAR_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Tokio worker threads (0: one per CPU).
-    #[arg(long, env = "MILVUS_SIDECAR_WORKER_THREADS", default_value_t = 0)]
+    /// Threads serving calls. One (the default) runs every call on a single thread with no
+    /// hand-off between threads: the least CPU and latency per call (see README,
+    /// Performance). More spreads calls over that many threads, for a sidecar that must
+    /// carry more than one core's worth of calls; 0 is one per CPU.
+    #[arg(long, env = "MILVUS_SIDECAR_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
 
     #[command(flatten)]
@@ -417,7 +420,7 @@ impl Config {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_timeout: None,
             drain_timeout: Duration::from_secs(30),
-            worker_threads: 0,
+            worker_threads: 1,
             database: DatabaseArgs::from_url("host=127.0.0.1 user=postgres dbname=postgres"),
             recording: RecordingArgs {
                 no_recording: true,
