@@ -36,6 +36,8 @@
 //!   the sidecar; a fresh one is best). Without it the `sidecar` target and the writer
 //!   measurement are skipped.
 
+#[path = "support/auth_check.rs"]
+mod auth_check;
 #[path = "support/fake_milvus.rs"]
 mod fake_milvus;
 #[path = "support/lite.rs"]
@@ -255,6 +257,13 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
         _ => None,
     };
 
+    let auth_check = match &config.database_url {
+        Some(url) => {
+            Some(auth_check::measure(url, BENCH_USER, BENCH_PASSWORD, COLLECTION).await.context("auth check")?)
+        }
+        None => None,
+    };
+
     println!("\n=== Results: median of {} round(s), (min–max) over rounds ===", config.rounds);
     for result in &results {
         print!("{}", result.table());
@@ -274,6 +283,16 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
             b.rows_in_database,
             b.writer_cpu_us_per_row,
             b.postgres_cpu_us_per_row
+        );
+    }
+    if let Some(a) = &auth_check {
+        println!(
+            "\nPermission check on a cache hit (in process, {} Search checks): {:.0} ns = identify {:.0} ns \
+             (keyed hash of the credential, cache lookup) + authorize {:.0} ns (cached grants)",
+            a.checks,
+            a.identify_ns + a.authorize_ns,
+            a.identify_ns,
+            a.authorize_ns
         );
     }
     println!("\n=== Targets of issue 6 (sidecar with authentication, permission check and recording on) ===");
