@@ -351,6 +351,15 @@ async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
     let (_, scrape) = http_get(s.app.running.admin_addr, "/metrics").await;
     // carol's search let through, and the three credentials that could not be checked.
     assert_eq!(sample(&scrape, r#"milvus_sidecar_auth_decisions_total{decision="unavailable"}"#), 4.0, "{scrape}");
+    // A listing that cannot be filtered (carol's grants unread) is Milvus's, unfiltered.
+    let everything = ShowCollectionsResponse {
+        collection_names: vec!["docs".into(), "secret".into()],
+        collection_ids: vec![1, 2],
+        ..Default::default()
+    };
+    s.upstream.reply_with("ShowCollections", encode(&everything));
+    let listed = call(&s, "ShowCollections", Some("carol:carol-pw"), Bytes::new()).await.expect("carol lists");
+    assert_eq!(listed, encode(&everything), "passed through as Milvus sent it");
 
     // Back to normal once PostgreSQL returns: carol's grants are read, and refuse.
     s.relay.as_ref().unwrap().restore();

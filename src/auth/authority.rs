@@ -361,6 +361,11 @@ impl Authority {
         }
     }
 
+    /// Whether calls whose grants cannot be read (PostgreSQL away) go through unchecked.
+    pub fn fails_open(&self) -> bool {
+        self.config.fail_open
+    }
+
     /// Whether `principal` may make this call on `targets` ((database, collection) pairs
     /// the request names).
     pub async fn authorize(

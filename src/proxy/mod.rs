@@ -30,7 +30,7 @@ use inspect::Head;
 use observe::{CreatedHook, InFlight, Observed, Pending, ReplyCapture};
 pub use upstream::{Deadline, Upstream};
 
-use crate::auth::authority::{Authority, Principal};
+use crate::auth::authority::{AuthError, Authority, Principal};
 use crate::auth::policy::Role;
 use crate::config::Config;
 use crate::facts::{CallFacts, Client, Method, Outcome};
@@ -269,6 +269,11 @@ impl Shared {
             let database = database_in_body.filter(|d| !d.is_empty()).unwrap_or_else(|| call.facts.database.clone());
             return self.filtered_listing(reply, call, auth, principal, database).await;
         }
+        self.observed(reply, call)
+    }
+
+    /// The upstream's reply on its way to the client, observed.
+    fn observed(&self, reply: Response<Incoming>, call: InFlight) -> Response<Body> {
         let (mut parts, inner) = reply.into_parts();
         let upstream = self.upstream.name().clone();
         let observed = Observed::new(parts.status, &mut parts.headers, inner, Pending::new(call), upstream);
@@ -286,6 +291,9 @@ impl Shared {
     ) -> Response<Body> {
         let grants = match auth.grants(principal).await {
             Ok(grants) => grants,
+            // Failing open, a listing that cannot be filtered goes out as Milvus sent it,
+            // as any other call whose grants cannot be read goes through unchecked.
+            Err(AuthError::Unavailable(_)) if auth.fails_open() => return self.observed(reply, call),
             Err(refusal) => return answer_ourselves(call, refusal.into()),
         };
         let (parts, body) = reply.into_parts();
