@@ -126,6 +126,7 @@ impl Recording {
             catalog: Catalog::default(),
             acks: Vec::new(),
             retry_at: tokio::time::Instant::now(),
+            durable,
         };
         let task = tokio::spawn(writer.run(rx, finished));
         if durable {
