@@ -12,7 +12,8 @@
 //! Scenarios: Search (~3 KiB) at concurrency 1 and 32, Insert of 64 KiB and of 4 MiB (a valid
 //! InsertRequest with an Int64 key and a 768-dim FloatVector) at concurrency 4; plus, when
 //! milvus-lite is at hand, Search at concurrency 1 against milvus-lite for a realistic figure.
-//! Then the record writer's throughput on a backlog (`support/writer.rs`). At the end: a table
+//! Then the record writer's throughput on a backlog (`support/writer.rs`) and the cost of a
+//! cached permission check (`support/auth_check.rs`). At the end: a table
 //! per scenario (medians over rounds, min–max in brackets) and the targets, PASS/FAIL.
 //!
 //! Run it with `scripts/bench.sh` (installs nginx, finds or starts PostgreSQL, creates a fresh
