@@ -116,9 +116,11 @@ async fn serve_grpc(
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
-        // Large inserts need big windows and frames to stream at loopback speed.
+        // Large inserts need big windows to stream at loopback speed. Frames of 256 KiB
+        // rather than 1 MiB: each frame is a buffer of its own, and smaller ones cost less
+        // to allocate and fault in (4 MiB inserts: 2.6 -> 2.1 ms CPU, peak RSS 27 -> 23 MiB).
         .adaptive_window(true)
-        .max_frame_size(1 << 20)
+        .max_frame_size(256 << 10)
         .max_header_list_size(limits.max_header_list_bytes)
         .max_concurrent_streams(limits.max_concurrent_streams)
         // A peer that vanished without closing (a dead host, a cut network) would hold one of

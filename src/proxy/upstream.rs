@@ -66,9 +66,10 @@ impl Upstream {
             .http2_only(true)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            // Large inserts need big windows to stream at loopback speed.
+            // Large inserts need big windows to stream at loopback speed; frames as on the
+            // client side (server.rs).
             .http2_adaptive_window(true)
-            .http2_max_frame_size(Some(1 << 20))
+            .http2_max_frame_size(Some(256 << 10))
             // Detect a silently dead Milvus connection instead of waiting on it forever.
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10))
