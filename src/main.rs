@@ -39,7 +39,7 @@ fn main() -> ExitCode {
 /// unmap every 4 MiB insert buffer: 7 ms of CPU per 4 MiB insert instead of 4.8 (bench).
 ///
 /// Fixing the mmap threshold also fixes the trim threshold at its 128 KiB default: the
-/// heap then gives back, and faults in again, every megabyte-sized HTTP/2 read buffer a
+/// heap then gives back, and faults in again, every large HTTP/2 read buffer a
 /// large insert passes through (page faults and unmapping were ~15 % of the CPU of a
 /// 4 MiB insert). Keeping up to 4 MiB of free heap took a 4 MiB insert from 2.3 to 1.7 ms
 /// of CPU (nginx: 1.6), for at most 4 MiB more RSS after such traffic.
