@@ -10,13 +10,13 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::error::ProxyError;
-use super::grpc;
+use super::grpc::{self, Gathered};
 use super::scan::Scan;
 
 /// What was read of a request before deciding on it.
@@ -28,57 +28,50 @@ pub enum Head {
 }
 
 pub struct Streaming {
-    read: Vec<Bytes>,
+    read: Gathered,
     rest: Incoming,
     scan: Scan,
-    seen: usize,
+    /// The whole body's size, from the message's declared length.
+    expected: usize,
 }
 
 /// Reads `method`'s request body: whole, or (for an uncompressed message with fields in
 /// `bulky`) until the first bulky field that has not fully arrived. Refuses, before
 /// buffering more, a message whose declared length is over `limit`.
 pub async fn read(method: &str, mut body: Incoming, limit: usize, bulky: &'static [u32]) -> Result<Head, ProxyError> {
-    let too_large = |size: usize| ProxyError::TooLarge { method: method.to_owned(), size: size as u64, limit };
-    let mut read: Vec<Bytes> = Vec::new();
-    let mut seen = 0;
+    let mut gathered = Gathered::default();
+    let mut expected = 0;
     let mut scan: Option<Scan> = None;
-    let mut header_checked = false;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ProxyError::ClientGone(crate::error_chain(&e)))?;
-        // gRPC requests carry no trailers; anything but data is ignored.
-        let Ok(data) = frame.into_data() else { continue };
-        if data.is_empty() {
-            continue;
-        }
-        seen += data.len();
+    while let Some(data) = next_data(&mut body).await? {
         if let Some(scan) = scan.as_mut() {
             scan.feed(&data).map_err(|e| malformed(method, &e))?;
         }
-        read.push(data);
-        if !header_checked && seen >= grpc::HEADER_LEN {
-            header_checked = true;
-            let header = leading::<{ grpc::HEADER_LEN }>(&read);
-            let len = grpc::declared_len(&header).expect("five bytes hold a header");
+        // A streamed message keeps only its start here: no room for the whole of it.
+        gathered.push(data, if scan.is_some() { 0 } else { expected });
+        if expected == 0
+            && let Some(len) = grpc::declared_len(gathered.as_slice())
+        {
             if len > limit {
-                return Err(too_large(len));
+                return Err(too_large(method, len, limit));
             }
-            if !bulky.is_empty() && header[0] == 0 {
+            expected = len + grpc::HEADER_LEN;
+            if !bulky.is_empty() && gathered.as_slice()[0] == 0 {
                 let mut fresh = Scan::new(len, bulky);
-                feed_after(&mut fresh, &read, grpc::HEADER_LEN).map_err(|e| malformed(method, &e))?;
+                fresh.feed(&gathered.as_slice()[grpc::HEADER_LEN..]).map_err(|e| malformed(method, &e))?;
                 scan = Some(fresh);
             }
         }
-        if seen > limit + grpc::HEADER_LEN {
-            return Err(too_large(seen));
+        if gathered.len() > limit + grpc::HEADER_LEN {
+            return Err(too_large(method, gathered.len(), limit));
         }
         if let Some(waiting) = scan.take_if(|s| !s.is_done() && s.is_skipping()) {
-            return Ok(Head::Streaming(Streaming { read, rest: body, scan: waiting, seen }));
+            return Ok(Head::Streaming(Streaming { read: gathered, rest: body, scan: waiting, expected }));
         }
     }
-    if seen == 0 {
+    if gathered.is_empty() {
         return Err(ProxyError::Malformed { method: method.to_owned(), reason: "empty request body".into() });
     }
-    Ok(Head::Whole(concat(read, seen)))
+    Ok(Head::Whole(gathered.freeze()))
 }
 
 impl Streaming {
@@ -89,28 +82,26 @@ impl Streaming {
 
     /// Reads the rest of the body too, for when a decision needs the whole message.
     pub async fn into_whole(self, method: &str, limit: usize) -> Result<Bytes, ProxyError> {
-        let Streaming { mut read, mut rest, mut seen, .. } = self;
-        while let Some(frame) = rest.frame().await {
-            let frame = frame.map_err(|e| ProxyError::ClientGone(crate::error_chain(&e)))?;
-            let Ok(data) = frame.into_data() else { continue };
-            seen += data.len();
-            if seen > limit + grpc::HEADER_LEN {
-                return Err(ProxyError::TooLarge { method: method.to_owned(), size: seen as u64, limit });
+        let Streaming { mut read, mut rest, expected, .. } = self;
+        while let Some(data) = next_data(&mut rest).await? {
+            read.push(data, expected);
+            if read.len() > limit + grpc::HEADER_LEN {
+                return Err(too_large(method, read.len(), limit));
             }
-            read.push(data);
         }
-        Ok(concat(read, seen))
+        Ok(read.freeze())
     }
 
     /// The body to send upstream: what was read, then the rest as it arrives. `check`
     /// judges the complete sketch before the bytes completing the message go out.
     pub fn forward(self, method: &str, limit: usize, check: Option<Check>) -> (Streamed, Arc<ScanResult>) {
         let result = Arc::new(ScanResult::default());
+        let seen = self.read.len();
         let streamed = Streamed {
-            read: self.read.into_iter(),
+            read: Some(self.read.freeze()),
             rest: self.rest,
             scan: Some(self.scan),
-            seen: self.seen,
+            seen,
             limit,
             method: method.to_owned(),
             check,
@@ -149,7 +140,8 @@ impl ScanResult {
 
 /// A request body streamed upstream while its message is scanned.
 pub struct Streamed {
-    read: std::vec::IntoIter<Bytes>,
+    /// What was read before deciding, sent first.
+    read: Option<Bytes>,
     rest: Incoming,
     /// Until the message is complete.
     scan: Option<Scan>,
@@ -175,7 +167,7 @@ type Polled = Poll<Option<Result<Frame<Bytes>, crate::BoxError>>>;
 
 impl Streamed {
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Polled {
-        if let Some(chunk) = self.read.next() {
+        if let Some(chunk) = self.read.take() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         let frame = match ready!(Pin::new(&mut self.rest).poll_frame(cx)) {
@@ -218,11 +210,11 @@ impl Streamed {
     }
 
     pub fn is_end_stream(&self) -> bool {
-        self.read.len() == 0 && self.scan.is_none() && self.rest.is_end_stream()
+        self.read.is_none() && self.scan.is_none() && self.rest.is_end_stream()
     }
 
     pub fn size_hint(&self) -> SizeHint {
-        let read: usize = self.read.as_slice().iter().map(Bytes::len).sum();
+        let read = self.read.as_ref().map_or(0, Bytes::len);
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + read as u64);
@@ -237,39 +229,18 @@ fn malformed(method: &str, e: &super::scan::Malformed) -> ProxyError {
     ProxyError::Malformed { method: method.to_owned(), reason: e.to_string() }
 }
 
-/// The first N bytes across `chunks` (which hold at least N).
-fn leading<const N: usize>(chunks: &[Bytes]) -> [u8; N] {
-    let mut out = [0; N];
-    let mut filled = 0;
-    for chunk in chunks {
-        let k = (N - filled).min(chunk.len());
-        out[filled..filled + k].copy_from_slice(&chunk[..k]);
-        filled += k;
-        if filled == N {
-            break;
+/// The next data chunk of a request body. gRPC requests carry no trailers; anything but
+/// data is passed over.
+async fn next_data(body: &mut Incoming) -> Result<Option<Bytes>, ProxyError> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ProxyError::ClientGone(crate::error_chain(&e)))?;
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
         }
     }
-    out
+    Ok(None)
 }
 
-/// Feeds `scan` everything in `chunks` after the first `skip` bytes.
-fn feed_after(scan: &mut Scan, chunks: &[Bytes], mut skip: usize) -> Result<(), super::scan::Malformed> {
-    for chunk in chunks {
-        let k = skip.min(chunk.len());
-        skip -= k;
-        scan.feed(&chunk[k..])?;
-    }
-    Ok(())
-}
-
-/// The chunks as one buffer, copied only when there is more than one.
-fn concat(mut chunks: Vec<Bytes>, total: usize) -> Bytes {
-    if chunks.len() == 1 {
-        return chunks.pop().expect("one chunk");
-    }
-    let mut all = BytesMut::with_capacity(total);
-    for chunk in &chunks {
-        all.extend_from_slice(chunk);
-    }
-    all.freeze()
+fn too_large(method: &str, size: usize, limit: usize) -> ProxyError {
+    ProxyError::TooLarge { method: method.to_owned(), size: size as u64, limit }
 }
