@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -32,32 +30,8 @@ const NUL_RECORDED: &str = "nul\u{FFFD}byte";
 
 // ---- logs, captured in this process as the binary writes them (text format, no colours) ----
 
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static LogBuffer {
-    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = LogBuffer::default();
-        let writer = buffer.clone();
-        // As main.rs sets it up for a log file (not a terminal), at the per-call level.
-        tracing_subscriber::fmt()
-            .with_env_filter("info,milvus_sidecar::call=debug")
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .init();
-        buffer
-    })
+fn logs() -> &'static common::logs::LogBuffer {
+    common::logs::captured("info,milvus_sidecar::call=debug")
 }
 
 // ---- the sidecar under test ----
@@ -282,7 +256,7 @@ async fn hostile_strings_reach_postgresql_verbatim_and_logs_escaped() {
     // In the log, every string arrives escaped: no raw escape character, no NUL, and no
     // line that a client wrote.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned();
+    let text = logs().text();
     assert!(text.contains("DROP TABLE users"), "the calls were logged");
     assert!(!text.contains('\x1b'), "a raw ESC reached the log");
     assert!(!text.contains('\0'), "a raw NUL reached the log");

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,37 +14,11 @@ use common::{RawClient, TempDir, http_get};
 use milvus_sidecar::App;
 use milvus_sidecar::config::{Config, DatabaseArgs};
 
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn capture_logs() -> LogBuffer {
-    let buffer = LogBuffer::default();
-    let writer = buffer.clone();
-    tracing_subscriber::fmt().with_env_filter("info").with_ansi(false).with_writer(move || writer.clone()).init();
-    buffer
-}
-
 const CAPACITY: usize = 8;
 
 #[tokio::test]
 async fn a_full_queue_drops_records_and_counts_and_logs_what_it_dropped() {
-    let logs = capture_logs();
+    let logs = common::logs::captured("info");
     let db = TestDb::create().await;
     let upstream = FakeUpstream::start().await;
     let spill = TempDir::new("drops-spill");

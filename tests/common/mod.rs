@@ -7,6 +7,7 @@ pub mod bin;
 pub mod certs;
 pub mod fake;
 pub mod lite;
+pub mod logs;
 pub mod pg;
 pub mod relay;
 
