@@ -17,7 +17,7 @@ use milvus::proto::milvus::{
     InsertRequest, MutationResult, SearchRequest, SearchResults, ShowCollectionsResponse,
 };
 use milvus_sidecar::App;
-use milvus_sidecar::config::{AuthArgs, Config, DatabaseArgs};
+use milvus_sidecar::config::{AuthArgs, Config};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
@@ -49,10 +49,7 @@ async fn setup_with(via_relay: bool, tweak: impl FnOnce(&mut Config)) -> Setup {
         upstream.reply_with(method, ok.clone());
     }
     let spill = std::env::temp_dir().join(format!("sidecar-auth-{}", uuid::Uuid::now_v7()));
-    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
-    config.database = DatabaseArgs::from_url(&database_url);
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.clone();
+    let mut config = common::recording_config(upstream.addr, &database_url, &spill);
     config.auth = AuthArgs::default();
     tweak(&mut config);
     let app = App::start(config).await.expect("sidecar starts");
@@ -440,10 +437,7 @@ async fn two_sidecars_on_one_database_both_follow_a_revocation() {
     let s = setup().await;
     let spill = std::env::temp_dir().join(format!("sidecar-auth-{}", uuid::Uuid::now_v7()));
     let _spill = tempfile_dir::Dir(spill.clone());
-    let mut config = Config::local(format!("http://{}", s.upstream.addr).parse().unwrap());
-    config.database = DatabaseArgs::from_url(&s.db.url());
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill;
+    let mut config = common::recording_config(s.upstream.addr, &s.db.url(), &spill);
     config.auth = AuthArgs::default();
     let second = App::start(config).await.expect("a second sidecar starts on the same database");
     let alice = Some("alice:alice-pw");

@@ -15,7 +15,6 @@ use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
 use milvus::proto::milvus::{SearchRequest, SearchResults};
 use milvus::proto::schema::SearchResultData;
 use milvus_sidecar::App;
-use milvus_sidecar::config::{Config, DatabaseArgs};
 use tonic::metadata::MetadataValue;
 
 struct Spill(std::path::PathBuf);
@@ -38,10 +37,7 @@ impl Drop for Spill {
 
 async fn start(upstream: std::net::SocketAddr, database_url: String, auth: bool) -> (App, Spill) {
     let spill = Spill::new();
-    let mut config = Config::local(format!("http://{upstream}").parse().unwrap());
-    config.database = DatabaseArgs::from_url(&database_url);
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.0.clone();
+    let mut config = common::recording_config(upstream, &database_url, &spill.0);
     config.recording.durable_records = true;
     config.auth.no_auth = !auth;
     config.drain_timeout = Duration::from_secs(5);

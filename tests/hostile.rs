@@ -15,7 +15,7 @@ use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
 use milvus::proto::milvus::{CreateCollectionRequest, QueryRequest, QueryResults, SearchRequest, SearchResults};
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, SearchResultData};
 use milvus_sidecar::App;
-use milvus_sidecar::config::{AuthArgs, Config, DatabaseArgs};
+use milvus_sidecar::config::AuthArgs;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 
@@ -60,10 +60,7 @@ async fn setup() -> Setup {
     );
     upstream.reply_with("Query", encode(&QueryResults { status: Some(ok), ..Default::default() }));
     let spill = common::TempDir::new("hostile-spill");
-    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
-    config.database = DatabaseArgs::from_url(&db.url());
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.path.clone();
+    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
     config.auth = AuthArgs::default();
     let app = App::start(config).await.expect("sidecar starts");
     let client = RawClient::connect(app.running.listen_addr).await;

@@ -16,16 +16,13 @@ use milvus::proto::milvus::{
 };
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, SearchResultData};
 use milvus_sidecar::App;
-use milvus_sidecar::config::{Config, DatabaseArgs};
+use milvus_sidecar::config::DatabaseArgs;
 use milvus_sidecar::store::maintenance::Maintained;
 use tonic::metadata::MetadataValue;
 
 async fn start_app(upstream: std::net::SocketAddr, database_url: String) -> (App, tempdir::Dir) {
     let spill = tempdir::Dir::new();
-    let mut config = Config::local(format!("http://{upstream}").parse().unwrap());
-    config.database = DatabaseArgs::from_url(&database_url);
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.path.clone();
+    let mut config = common::recording_config(upstream, &database_url, &spill.path);
     config.drain_timeout = Duration::from_secs(5);
     (App::start(config).await.expect("sidecar with recording starts"), spill)
 }
@@ -303,10 +300,7 @@ async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     let db = TestDb::create().await;
     let upstream = fake_milvus().await;
     let spill = tempdir::Dir::new();
-    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
-    config.database = DatabaseArgs::from_url(&db.url());
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.path.clone();
+    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
     // A small queue and one-record transactions: PostgreSQL cannot keep up with 16 callers.
     config.recording.queue_capacity = 1024;
     config.recording.batch_rows = 1;
@@ -636,10 +630,7 @@ async fn skip_migrations_leaves_an_empty_database_untouched() {
     let upstream = fake_milvus().await;
     let spill = tempdir::Dir::new();
     let tables = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'";
-    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
-    config.database = DatabaseArgs::from_url(&db.url());
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.path.clone();
+    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
     config.recording.skip_migrations = true;
     let Err(e) = App::start(config.clone()).await else { panic!("started on a database without a schema") };
     assert!(format!("{e:#}").contains("cannot read system_config"), "{e:#}");

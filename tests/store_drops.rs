@@ -12,7 +12,6 @@ use common::fake::FakeUpstream;
 use common::pg::TestDb;
 use common::{RawClient, TempDir, http_get};
 use milvus_sidecar::App;
-use milvus_sidecar::config::{Config, DatabaseArgs};
 
 const CAPACITY: usize = 8;
 
@@ -22,10 +21,7 @@ async fn a_full_queue_drops_records_and_counts_and_logs_what_it_dropped() {
     let db = TestDb::create().await;
     let upstream = FakeUpstream::start().await;
     let spill = TempDir::new("drops-spill");
-    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
-    config.database = DatabaseArgs::from_url(&db.url());
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.path.clone();
+    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
     config.recording.queue_capacity = CAPACITY;
     let app = App::start(config).await.expect("sidecar starts");
     let mut client = RawClient::connect(app.running.listen_addr).await;

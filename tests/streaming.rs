@@ -12,7 +12,7 @@ use common::{RawClient, encode};
 use milvus::proto::milvus::{InsertRequest, MutationResult};
 use milvus::proto::schema::{FieldData, FloatArray, VectorField, field_data, vector_field};
 use milvus_sidecar::App;
-use milvus_sidecar::config::{AuthArgs, Config, DatabaseArgs};
+use milvus_sidecar::config::AuthArgs;
 use tonic::Code;
 
 const DIM: usize = 128;
@@ -32,10 +32,7 @@ async fn setup() -> Setup {
     let upstream = FakeUpstream::start().await;
     upstream.reply_with("Insert", encode(&MutationResult { insert_cnt: ROWS as i64, ..Default::default() }));
     let spill = common::TempDir::new("streaming");
-    let mut config = Config::local(format!("http://{}", upstream.addr).parse().unwrap());
-    config.database = DatabaseArgs::from_url(&db.url());
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.path.clone();
+    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
     config.auth = AuthArgs::default();
     let app = App::start(config).await.expect("sidecar starts");
     let hash = milvus_sidecar::auth::password::hash("writer-pw");

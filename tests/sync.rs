@@ -17,7 +17,6 @@ use milvus::client::Client;
 use milvus::index::{IndexParams, IndexType, MetricType};
 use milvus::schema::{CollectionSchemaBuilder, FieldSchema};
 use milvus_sidecar::App;
-use milvus_sidecar::config::{Config, DatabaseArgs};
 use milvus_sidecar::proxy::Upstream;
 use milvus_sidecar::store::migrate;
 use milvus_sidecar::sync::{self, SyncError};
@@ -388,10 +387,7 @@ async fn without_milvus_sync_fails_clearly_and_changes_nothing() {
 
 /// The sidecar in front of `upstream`, recording into `db` (migrated at start-up).
 async fn start_app(upstream: std::net::SocketAddr, db: &TestDb, spill: &common::TempDir) -> App {
-    let mut config = Config::local(format!("http://{upstream}").parse().unwrap());
-    config.database = DatabaseArgs::from_url(&db.url());
-    config.recording.no_recording = false;
-    config.recording.spill_dir = spill.path.clone();
+    let mut config = common::recording_config(upstream, &db.url(), &spill.path);
     config.drain_timeout = std::time::Duration::from_secs(5);
     App::start(config).await.expect("sidecar with recording starts")
 }

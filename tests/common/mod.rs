@@ -269,6 +269,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// A sidecar in front of `upstream` that records into `database_url` (migrated at
+/// start-up) and spills to `spill_dir`; otherwise as `Config::local` leaves it.
+pub fn recording_config(upstream: SocketAddr, database_url: &str, spill_dir: &std::path::Path) -> Config {
+    let mut config = Config::local(format!("http://{upstream}").parse().unwrap());
+    config.database = milvus_sidecar::config::DatabaseArgs::from_url(database_url);
+    config.recording.no_recording = false;
+    config.recording.spill_dir = spill_dir.to_path_buf();
+    config
+}
+
 /// A fresh directory under the system's temporary directory, removed on drop.
 pub struct TempDir {
     pub path: std::path::PathBuf,
