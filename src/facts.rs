@@ -40,6 +40,16 @@ pub struct CallFacts {
     pub client: Client,
 }
 
+impl CallFacts {
+    /// What the request's view read; a database it names replaces the header's.
+    pub fn set_request(&mut self, request: RequestFacts) {
+        if let Some(db) = &request.database {
+            self.database.clone_from(db);
+        }
+        self.request = request;
+    }
+}
+
 /// The called method. Kept as the request's path (a cheap, shared clone) so that methods
 /// this build has never heard of are still named exactly.
 #[derive(Debug, Clone)]

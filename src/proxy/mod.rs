@@ -179,10 +179,7 @@ impl Shared {
                 if let Some(rpc) = rpc {
                     match views::read_request(rpc.request(), &message) {
                         Ok(facts) => {
-                            if let Some(db) = &facts.database {
-                                call.facts.database.clone_from(db);
-                            }
-                            call.facts.request = facts;
+                            call.facts.set_request(facts);
                             call.reply = Some(ReplyCapture {
                                 kind: rpc.reply(),
                                 encoding: None,

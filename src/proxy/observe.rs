@@ -198,12 +198,7 @@ impl InFlight {
         let (Some(Ok(scanned)), Some(rpc)) = (scan.get(), self.facts.method.rpc) else { return };
         self.facts.request_bytes = scanned.bytes;
         match views::read_request(rpc.request(), &scanned.sketch) {
-            Ok(facts) => {
-                if let Some(db) = &facts.database {
-                    self.facts.database.clone_from(db);
-                }
-                self.facts.request = facts;
-            }
+            Ok(facts) => self.facts.set_request(facts),
             Err(e) => tracing::warn!(method = rpc.name(), error = %e, "could not read the end of a streamed request"),
         }
     }
