@@ -71,10 +71,10 @@ impl App {
             // Collections Milvus held before the sidecar (or got behind its back) join the
             // mirror; in the background, so serving never waits on it.
             background.push(crate::sync::spawn(&config, pg.clone()));
-            background.push(system_config::watch(pg, settings.clone()));
+            background.push(system_config::watch(pg.clone(), settings.clone()));
             background.push(maintenance::spawn(pool.clone(), settings.clone()));
             sources.pool = Some(pool.clone());
-            let recording = Recording::start(pool, settings.clone(), &config.recording)
+            let recording = Recording::start(pg, settings.clone(), &config.recording)
                 .await
                 .with_context(|| format!("cannot open the spill directory {}", config.recording.spill_dir.display()))?;
             sources.recording = Some((recording.stats.clone(), recording.recorder.clone()));

@@ -100,7 +100,7 @@ pub struct DatabaseArgs {
     )]
     pub postgres_password: String,
 
-    /// Connections the sidecar keeps to PostgreSQL.
+    /// Connections the sidecar keeps to PostgreSQL, besides the record writer's own.
     #[arg(long, env = "MILVUS_SIDECAR_DB_POOL_SIZE", default_value_t = 4)]
     pub db_pool_size: u32,
 }

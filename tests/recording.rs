@@ -333,6 +333,36 @@ async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 1600, "none twice");
 }
 
+/// The writer has a thread of its own: it writes while every thread of the calls' runtime is
+/// busy (this test's runtime has one, shared with the sidecar), and the calls of one flush
+/// interval go in one batch, however the writer is woken.
+#[tokio::test]
+async fn the_writer_writes_beside_busy_call_threads_one_batch_per_flush_interval() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let spill = tempdir::Dir::new();
+    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
+    config.recording.flush_interval = Duration::from_secs(1);
+    let app = App::start(config).await.unwrap();
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "the 20 calls fit in one flush interval");
+    let stats = &app.recording.as_ref().unwrap().stats;
+    // Blocks the only thread of this runtime: no task of the sidecar's can run meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats.rows_written.load(Relaxed) < 40 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(stats.rows_written.load(Relaxed), 40, "a performance and a query row per Search, written meanwhile");
+    assert_eq!(stats.batches_written.load(Relaxed), 1, "one batch for the calls of one interval: {stats:?}");
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM query_logs").await, 20);
+}
+
 /// The log tables and the column each is partitioned by.
 const LOG_TABLES: [(&str, &str); 4] = [
     ("audit_logs", "occurred_at"),

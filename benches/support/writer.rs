@@ -59,7 +59,7 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
         spill_dir: spill_dir.clone(),
         durable_records: false,
     };
-    let recording = Recording::start(store::pool(pg, 4), settings, &args).await?;
+    let recording = Recording::start(pg, settings, &args).await?;
     let template = search_facts(user, collection);
     // A first record warms the writer up (user and collection ids are looked up once, then
     // cached) and tells how many rows one Search makes.

@@ -1,5 +1,5 @@
 //! Where call facts go once a call is over: a log line, and (with PostgreSQL) a bounded
-//! queue that the writer task drains into the tables. `record` is called on the request
+//! queue that the writer thread drains into the tables. `record` is called on the request
 //! path, so it never blocks and never waits for PostgreSQL.
 //!
 //! With `--durable-records` the request path does wait, but only at the very end: a call's
@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::RecordingArgs;
 use crate::facts::CallFacts;
 use crate::settings::Settings;
-use crate::store::Pool;
 use crate::store::mirror::Catalog;
 
 pub trait Recorder: Send + Sync + 'static {
@@ -50,6 +49,10 @@ pub type Receipt = Pin<Box<dyn Future<Output = Result<(), NotDurable>> + Send>>;
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the sidecar could not record this call durably; Milvus did carry it out")]
 pub struct NotDurable;
+
+/// The writer uses one connection at a time; a second can connect while the first is
+/// found broken.
+const WRITER_CONNECTIONS: u32 = 2;
 
 /// A call's facts on their way to the writer, with who to tell once they are durable.
 pub(crate) struct Queued {
@@ -103,45 +106,80 @@ pub struct Recording {
     pub recorder: Arc<PgRecorder>,
     pub stats: Arc<Stats>,
     finish: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    finished: oneshot::Receiver<()>,
 }
 
 impl Recording {
-    pub async fn start(pool: Pool, settings: Arc<Settings>, args: &RecordingArgs) -> std::io::Result<Recording> {
+    /// Starts the writer on a thread of its own, with its own PostgreSQL connections
+    /// (made from `pg`): encoding rows and talking to PostgreSQL then runs beside the
+    /// calls rather than between them. A call's thread only queues its facts; the writer
+    /// is woken once per batch, not per record (see `Writer::run`).
+    pub async fn start(
+        pg: tokio_postgres::Config,
+        settings: Arc<Settings>,
+        args: &RecordingArgs,
+    ) -> std::io::Result<Recording> {
         let stats = Arc::new(Stats::default());
         let durable = args.durable_records;
-        let spill = spill::Spill::open(&args.spill_dir, durable).await?;
         let (queue, rx) = mpsc::channel(args.queue_capacity.max(1));
-        let (finish, finished) = oneshot::channel();
-        let writer = writer::Writer {
-            pool,
-            settings,
-            spill,
-            stats: stats.clone(),
-            batch_rows: args.batch_rows.max(1),
-            queue_capacity: args.queue_capacity.max(1),
-            // Callers wait for their records: write what is there at once. Batches still
-            // form by themselves, from the calls that end while the previous one commits.
-            flush_interval: if durable { std::time::Duration::ZERO } else { args.flush_interval },
-            catalog: Catalog::default(),
-            acks: Vec::new(),
-            retry_at: tokio::time::Instant::now(),
-            durable,
-        };
-        let task = tokio::spawn(writer.run(rx, finished));
+        let (finish, finish_rx) = oneshot::channel();
+        let (done, finished) = oneshot::channel();
+        let (opened, spill_opened) = oneshot::channel();
+        let writer_stats = stats.clone();
+        let (spill_dir, batch_rows, queue_capacity) =
+            (args.spill_dir.clone(), args.batch_rows.max(1), args.queue_capacity.max(1));
+        // Callers wait for their records: write what is there at once. Batches still form
+        // by themselves, from the calls that end while the previous one commits.
+        let flush_interval = if durable { std::time::Duration::ZERO } else { args.flush_interval };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new().name("recorder".into()).spawn(move || {
+            runtime.block_on(async move {
+                let spill = match spill::Spill::open(&spill_dir, durable).await {
+                    Ok(spill) => {
+                        let _ = opened.send(Ok(()));
+                        spill
+                    }
+                    Err(e) => {
+                        let _ = opened.send(Err(e));
+                        return;
+                    }
+                };
+                let writer = writer::Writer {
+                    // Its connections' tasks run on this thread's runtime.
+                    pool: crate::store::pool(pg, WRITER_CONNECTIONS),
+                    settings,
+                    spill,
+                    stats: writer_stats,
+                    batch_rows,
+                    queue_capacity,
+                    flush_interval,
+                    catalog: Catalog::default(),
+                    acks: Vec::new(),
+                    retry_at: tokio::time::Instant::now(),
+                    durable,
+                };
+                writer.run(rx, finish_rx).await;
+                let _ = done.send(());
+            })
+        })?;
+        match spill_opened.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::Error::other("the record writer's thread stopped at start-up")),
+        }
         if durable {
             tracing::info!(
                 "durable records: a call ends only once its records are committed or fsynced to the spill file"
             );
         }
         let recorder = Arc::new(PgRecorder { queue, stats: stats.clone(), durable });
-        Ok(Recording { recorder, stats, finish, task })
+        Ok(Recording { recorder, stats, finish, finished })
     }
 
     /// Writes what is queued (or spills it, if PostgreSQL is away) and stops the writer.
     pub async fn finish(self) {
         let _ = self.finish.send(());
-        let _ = self.task.await;
+        let _ = self.finished.await;
     }
 }
 

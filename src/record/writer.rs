@@ -1,12 +1,13 @@
-//! The writer task: drains the record queue in batches (by count or after the flush
-//! interval, whichever comes first) and writes each batch in one transaction. While
-//! PostgreSQL is unreachable, batches go to the spill file and are replayed, in order,
-//! before anything newer once it is back.
+//! The writer, on a thread of its own: drains the record queue in batches (what is queued a
+//! flush interval after the first record, up to a batch) and writes each batch in one
+//! transaction. While PostgreSQL is unreachable, batches go to the spill file and are
+//! replayed, in order, before anything newer once it is back.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -64,7 +65,9 @@ impl Writer {
         let mut pending: Vec<Record> = Vec::with_capacity(self.batch_rows);
         let mut finishing = false;
         loop {
-            // Wait for a first record (or, with records spilled, for the next retry).
+            // Wait for a first record (or, with records spilled, for the next retry). This is
+            // the only wait a call's `try_send` wakes: the batch then fills while the writer
+            // sleeps, so a call costs its thread no wake-up of this one.
             let retry = tokio::time::sleep(if self.spill.waiting() > 0 { RETRY_EVERY } else { Duration::MAX / 4 });
             tokio::select! {
                 got = queue.recv() => match got {
@@ -74,33 +77,31 @@ impl Writer {
                 _ = retry => {}
                 _ = &mut finish, if !finishing => finishing = true,
             }
-            let deadline = Instant::now() + self.flush_interval;
-            while !finishing && pending.len() < self.batch_rows {
+            let filling = !pending.is_empty() && queue.len() + pending.len() < self.batch_rows;
+            if !finishing && filling && !self.flush_interval.is_zero() {
                 tokio::select! {
-                    biased;
-                    got = queue.recv() => match got {
-                        Some(facts) => self.push(&mut pending, facts),
-                        None => finishing = true,
-                    },
+                    _ = tokio::time::sleep(self.flush_interval) => {}
                     // Shutdown does not wait for the batch to fill.
-                    _ = &mut finish, if !finishing => finishing = true,
-                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = &mut finish => finishing = true,
+                }
+            }
+            // Falling behind: everything queued goes to disk in this one round; shutting
+            // down: everything queued is written, and the writer stops.
+            let backlog = queue.len();
+            let take_all = finishing || backlog > self.queue_capacity / 2;
+            while take_all || pending.len() < self.batch_rows {
+                match queue.try_recv() {
+                    Ok(facts) => self.push(&mut pending, facts),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        finishing = true;
+                        break;
+                    }
                 }
             }
             if finishing {
-                // Shutting down: take what is queued now, write it, and stop.
-                while let Ok(facts) = queue.try_recv() {
-                    self.push(&mut pending, facts);
-                }
                 self.flush(&mut pending, 0).await;
                 break;
-            }
-            let backlog = queue.len();
-            if backlog > self.queue_capacity / 2 {
-                // Falling behind: everything queued goes to disk in this one round.
-                while let Ok(facts) = queue.try_recv() {
-                    self.push(&mut pending, facts);
-                }
             }
             self.flush(&mut pending, backlog).await;
         }
