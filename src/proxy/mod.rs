@@ -3,6 +3,7 @@
 //! on the way back, and each call's facts go to the recorder when it ends.
 
 mod body;
+mod coalesce;
 mod error;
 pub mod grpc;
 mod inspect;

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::Body;
+use super::coalesce::Coalescing;
 use super::error::ProxyError;
 use crate::config::Config;
 use crate::milvus::SERVICE_PREFIX;
@@ -28,7 +29,7 @@ pub struct Deadline {
 #[derive(Clone)]
 pub struct Upstream {
     /// Plain HTTP/2 for an `http://` upstream, TLS for `https://`.
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    client: Client<Coalescing<HttpsConnector<HttpConnector>>, Body>,
     scheme: Scheme,
     authority: Authority,
     /// The configured address, for messages that tell the caller what was unreachable.
@@ -73,7 +74,7 @@ impl Upstream {
             // Detect a silently dead Milvus connection instead of waiting on it forever.
             .http2_keep_alive_interval(Duration::from_secs(30))
             .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(connector);
+            .build(Coalescing(connector));
         let uri = &config.upstream;
         Upstream {
             client,
