@@ -248,7 +248,12 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
         .filter_map(|&(t, _)| Some((t, procstat::usage(&stack.pids(t)).ok()?.rss_kib as f64 / 1024.0)))
         .collect();
 
-    let backlog = match (&config.database_url, config.writer_calls) {
+    // Both in-process measures use the schema, user and grant the recording sidecar set up.
+    let prepared = if stack.sidecar.is_some() { config.database_url.as_ref() } else { None };
+    if prepared.is_none() && config.database_url.is_some() {
+        println!("\nwithout the sidecar target, the writer backlog and permission check are not measured");
+    }
+    let backlog = match (prepared, config.writer_calls) {
         (Some(url), calls) if calls > 0 => {
             eprintln!("  writer backlog: {calls} Search records queued at once ...");
             let measured = writer::measure(url, calls, BENCH_USER, COLLECTION).await.context("writer backlog")?;
@@ -258,7 +263,7 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
         _ => None,
     };
 
-    let auth_check = match &config.database_url {
+    let auth_check = match prepared {
         Some(url) => {
             Some(auth_check::measure(url, BENCH_USER, BENCH_PASSWORD, COLLECTION).await.context("auth check")?)
         }
