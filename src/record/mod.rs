@@ -121,29 +121,19 @@ impl Recording {
     ) -> std::io::Result<Recording> {
         let stats = Arc::new(Stats::default());
         let durable = args.durable_records;
+        // The spill file is plain paths and counters: opened here, used on the writer's thread.
+        let spill = spill::Spill::open(&args.spill_dir, durable).await?;
         let (queue, rx) = mpsc::channel(args.queue_capacity.max(1));
         let (finish, finish_rx) = oneshot::channel();
         let (done, finished) = oneshot::channel();
-        let (opened, spill_opened) = oneshot::channel();
         let writer_stats = stats.clone();
-        let (spill_dir, batch_rows, queue_capacity) =
-            (args.spill_dir.clone(), args.batch_rows.max(1), args.queue_capacity.max(1));
+        let (batch_rows, queue_capacity) = (args.batch_rows.max(1), args.queue_capacity.max(1));
         // Callers wait for their records: write what is there at once. Batches still form
         // by themselves, from the calls that end while the previous one commits.
         let flush_interval = if durable { std::time::Duration::ZERO } else { args.flush_interval };
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name("recorder".into()).spawn(move || {
             runtime.block_on(async move {
-                let spill = match spill::Spill::open(&spill_dir, durable).await {
-                    Ok(spill) => {
-                        let _ = opened.send(Ok(()));
-                        spill
-                    }
-                    Err(e) => {
-                        let _ = opened.send(Err(e));
-                        return;
-                    }
-                };
                 let writer = writer::Writer {
                     // Its connections' tasks run on this thread's runtime.
                     pool: crate::store::pool(pg, WRITER_CONNECTIONS),
@@ -162,11 +152,6 @@ impl Recording {
                 let _ = done.send(());
             })
         })?;
-        match spill_opened.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(std::io::Error::other("the record writer's thread stopped at start-up")),
-        }
         if durable {
             tracing::info!(
                 "durable records: a call ends only once its records are committed or fsynced to the spill file"
