@@ -16,14 +16,24 @@ use milvus::proto::milvus::{
 };
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, SearchResultData};
 use milvus_sidecar::App;
-use milvus_sidecar::config::DatabaseArgs;
+use milvus_sidecar::config::{Config, DatabaseArgs};
 use milvus_sidecar::store::maintenance::Maintained;
 use tonic::metadata::MetadataValue;
 
 async fn start_app(upstream: std::net::SocketAddr, database_url: String) -> (App, tempdir::Dir) {
+    start_app_with(upstream, database_url, |_| {}).await
+}
+
+/// [`start_app`], with the configuration changed by `tweak` first.
+async fn start_app_with(
+    upstream: std::net::SocketAddr,
+    database_url: String,
+    tweak: impl FnOnce(&mut Config),
+) -> (App, tempdir::Dir) {
     let spill = tempdir::Dir::new();
     let mut config = common::recording_config(upstream, &database_url, &spill.path);
     config.drain_timeout = Duration::from_secs(5);
+    tweak(&mut config);
     (App::start(config).await.expect("sidecar with recording starts"), spill)
 }
 
@@ -299,15 +309,15 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
 async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     let db = TestDb::create().await;
     let upstream = fake_milvus().await;
-    let spill = tempdir::Dir::new();
-    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
     // A small queue, one-record transactions, and a PostgreSQL that takes 5 ms per row
     // COPYed in (at most 200 calls a second; replays of the spill file, by INSERT, are
     // not slowed): it cannot keep up with 16 callers, however fast the writer and the
     // machine are.
-    config.recording.queue_capacity = 1024;
-    config.recording.batch_rows = 1;
-    let app = App::start(config).await.unwrap();
+    let (app, spill) = start_app_with(upstream.addr, db.url(), |config| {
+        config.recording.queue_capacity = 1024;
+        config.recording.batch_rows = 1;
+    })
+    .await;
     db.client()
         .await
         .batch_execute(
@@ -354,10 +364,9 @@ async fn the_writer_writes_beside_busy_call_threads_one_batch_per_flush_interval
     use std::sync::atomic::Ordering::Relaxed;
     let db = TestDb::create().await;
     let upstream = fake_milvus().await;
-    let spill = tempdir::Dir::new();
-    let mut config = common::recording_config(upstream.addr, &db.url(), &spill.path);
-    config.recording.flush_interval = Duration::from_secs(1);
-    let app = App::start(config).await.unwrap();
+    let (app, _spill) =
+        start_app_with(upstream.addr, db.url(), |config| config.recording.flush_interval = Duration::from_secs(1))
+            .await;
     let mut client = RawClient::connect(app.running.listen_addr).await;
     let started = std::time::Instant::now();
     for _ in 0..20 {
