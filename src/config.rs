@@ -163,9 +163,21 @@ pub struct RecordingArgs {
     #[arg(long, env = "MILVUS_SIDECAR_FLUSH_INTERVAL", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub flush_interval: Duration,
 
+    /// Longest PostgreSQL may take over one statement of the writer (a lock held elsewhere,
+    /// a stalled disk) before the batch goes to the spill file instead; 0 waits forever.
+    /// While the writer waits, records pile up in the queue; past this they spill.
+    #[arg(long, env = "MILVUS_SIDECAR_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+
     /// Directory of the spill file that keeps records while PostgreSQL is unreachable.
     #[arg(long, env = "MILVUS_SIDECAR_SPILL_DIR", default_value = "/tmp/milvus-sidecar-spill")]
     pub spill_dir: std::path::PathBuf,
+
+    /// Largest the spill file may grow, in bytes (0: no cap). Past it, records are dropped,
+    /// counted and logged: keep it below the volume's size (a Kubernetes emptyDir past its
+    /// sizeLimit evicts the whole pod).
+    #[arg(long, env = "MILVUS_SIDECAR_SPILL_MAX_BYTES", default_value_t = 1 << 30)]
+    pub spill_max_bytes: u64,
 
     /// A call's reply ends (its status reaches the client) only once its records are
     /// durable: committed to PostgreSQL, or written and fsynced to the spill file.
@@ -428,7 +440,9 @@ impl Config {
                 queue_capacity: 65_536,
                 batch_rows: 2_000,
                 flush_interval: Duration::from_millis(20),
+                write_timeout: Duration::from_secs(2),
                 spill_dir: std::env::temp_dir().join("milvus-sidecar-spill"),
+                spill_max_bytes: 1 << 30,
                 durable_records: false,
             },
             auth: AuthArgs { no_auth: true, ..AuthArgs::default() },

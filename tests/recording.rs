@@ -356,6 +356,93 @@ async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 1600, "none twice");
 }
 
+/// A PostgreSQL that answers but never finishes (a lock held elsewhere) must not hold the
+/// writer: past `--write-timeout` the statement is cancelled, the batch goes to the spill
+/// file, and everything arrives once the lock is gone.
+#[tokio::test]
+async fn a_table_locked_elsewhere_sends_records_to_disk_until_it_is_free() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, spill) =
+        start_app_with(upstream.addr, db.url(), |config| config.recording.write_timeout = Duration::from_millis(200))
+            .await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    client.unary("Search", search("c")).await.unwrap();
+    db.wait_for_count("SELECT count(*) FROM performance_metrics", 1).await;
+
+    let locker = db.client().await;
+    locker.batch_execute("BEGIN; LOCK TABLE performance_metrics IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    for _ in 0..20 {
+        client.unary("Search", search("c")).await.expect("calls never wait for PostgreSQL");
+    }
+    let stats = &app.recording.as_ref().unwrap().stats;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats.records_spilled.load(Relaxed) < 20 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.records_spilled.load(Relaxed), 20, "the calls made while the table was locked went to disk");
+    assert_eq!(spill.spilled_lines(), 20);
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", 21).await;
+    assert_eq!(arrived, 21, "every call arrives once the lock is gone; {stats:?}");
+    assert_eq!(stats.records_replayed.load(Relaxed), 20);
+    assert_eq!(stats.records_rejected.load(Relaxed), 0, "a cancelled statement is not the data's fault");
+    assert_eq!(stats.records_dropped.load(Relaxed), 0);
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM query_logs").await, 21, "none twice");
+}
+
+/// The spill file stops at `--spill-max-bytes`: what does not fit is dropped and counted,
+/// what fits arrives once PostgreSQL is back, and the emptied file takes records again.
+#[tokio::test]
+async fn a_spill_file_at_its_cap_drops_and_counts_the_rest() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const CAP: u64 = 4096;
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, spill) = start_app_with(upstream.addr, db.url(), |config| {
+        config.recording.write_timeout = Duration::from_millis(200);
+        config.recording.spill_max_bytes = CAP;
+        config.recording.batch_rows = 1;
+    })
+    .await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let locker = db.client().await;
+    locker.batch_execute("BEGIN; LOCK TABLE performance_metrics IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    for _ in 0..20 {
+        client.unary("Search", search("c")).await.expect("a full spill file fails no call");
+    }
+    let stats = &app.recording.as_ref().unwrap().stats;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats.records_spilled.load(Relaxed) + stats.records_dropped.load(Relaxed) < 20
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (spilled, dropped) = (stats.records_spilled.load(Relaxed), stats.records_dropped.load(Relaxed));
+    assert_eq!(spilled + dropped, 20, "every record either kept or counted as lost: {stats:?}");
+    assert!(spilled >= 2 && dropped >= 1, "some fit, the rest did not: {stats:?}");
+    let size = std::fs::metadata(spill.path.join("records.jsonl")).unwrap().len();
+    assert!(size <= CAP, "the file stays within its cap: {size} bytes");
+    assert_eq!(spill.spilled_lines() as u64, spilled);
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", spilled as i64).await;
+    assert_eq!(arrived, spilled as i64, "what was kept arrives");
+    // Emptied by the replay, the file keeps records again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while spill.path.join("records.jsonl").exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!spill.path.join("records.jsonl").exists(), "removed once replayed");
+    client.unary("Search", search("c")).await.unwrap();
+    let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", spilled as i64 + 1).await;
+    assert_eq!(arrived, spilled as i64 + 1);
+    app.shutdown().await;
+}
+
 /// The writer has a thread of its own: it writes while every thread of the calls' runtime is
 /// busy (this test's runtime has one, shared with the sidecar), and the calls of one flush
 /// interval go in one batch, however the writer is woken.

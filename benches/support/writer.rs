@@ -56,7 +56,9 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
         queue_capacity: (2 * calls + 2).max(65_536),
         batch_rows: 2_000,
         flush_interval: Duration::from_millis(20),
+        write_timeout: Duration::from_secs(2),
         spill_dir: spill_dir.clone(),
+        spill_max_bytes: 0,
         durable_records: false,
     };
     let recording = Recording::start(pg, settings, &args).await?;

@@ -122,7 +122,7 @@ impl Recording {
         let stats = Arc::new(Stats::default());
         let durable = args.durable_records;
         // The spill file is plain paths and counters: opened here, used on the writer's thread.
-        let spill = spill::Spill::open(&args.spill_dir, durable).await?;
+        let spill = spill::Spill::open(&args.spill_dir, durable, args.spill_max_bytes).await?;
         let (queue, rx) = mpsc::channel(args.queue_capacity.max(1));
         let (finish, finish_rx) = oneshot::channel();
         let (done, finished) = oneshot::channel();
@@ -131,6 +131,7 @@ impl Recording {
         // Callers wait for their records: write what is there at once. Batches still form
         // by themselves, from the calls that end while the previous one commits.
         let flush_interval = if durable { std::time::Duration::ZERO } else { args.flush_interval };
+        let write_timeout = args.write_timeout;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name("recorder".into()).spawn(move || {
             runtime.block_on(async move {
@@ -143,10 +144,12 @@ impl Recording {
                     batch_rows,
                     queue_capacity,
                     flush_interval,
+                    write_timeout,
                     catalog: Catalog::default(),
                     acks: Vec::new(),
                     retry_at: tokio::time::Instant::now(),
                     durable,
+                    spill_full: false,
                 };
                 writer.run(rx, finish_rx).await;
                 let _ = done.send(());

@@ -19,6 +19,12 @@ pub struct Spill {
     waiting: u64,
     /// Byte offset of the first record not yet replayed.
     replayed_to: u64,
+    /// Bytes in the file: it shrinks only once everything in it is replayed.
+    size: u64,
+    /// Largest the file may grow (0: no cap). A full disk would fail appends anyway, and
+    /// in Kubernetes an emptyDir past its sizeLimit evicts the whole pod, Milvus included:
+    /// records dropped at a known size are the smaller loss.
+    max_bytes: u64,
     /// fsync each append (and the directory, when the file is new).
     sync: bool,
 }
@@ -27,10 +33,10 @@ impl Spill {
     /// Opens the spill directory; records left by an earlier run are replayed first.
     /// A line cut short by a crash mid-append is removed, so that the next append does not
     /// glue a record onto it.
-    pub async fn open(dir: &Path, sync: bool) -> std::io::Result<Spill> {
+    pub async fn open(dir: &Path, sync: bool, max_bytes: u64) -> std::io::Result<Spill> {
         tokio::fs::create_dir_all(dir).await?;
         let path = dir.join("records.jsonl");
-        let waiting = match tokio::fs::read(&path).await {
+        let (waiting, size) = match tokio::fs::read(&path).await {
             Ok(bytes) => {
                 let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
                 if complete < bytes.len() {
@@ -40,15 +46,15 @@ impl Spill {
                     file.set_len(complete as u64).await?;
                     file.sync_all().await?;
                 }
-                bytes[..complete].iter().filter(|&&b| b == b'\n').count() as u64
+                (bytes[..complete].iter().filter(|&&b| b == b'\n').count() as u64, complete as u64)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0),
             Err(e) => return Err(e),
         };
         if waiting > 0 {
             tracing::info!(records = waiting, path = %path.display(), "found records spilled by an earlier run; they will be replayed");
         }
-        Ok(Spill { path, rejected: dir.join("rejected.jsonl"), waiting, replayed_to: 0, sync })
+        Ok(Spill { path, rejected: dir.join("rejected.jsonl"), waiting, replayed_to: 0, size, max_bytes, sync })
     }
 
     pub fn waiting(&self) -> u64 {
@@ -57,15 +63,30 @@ impl Spill {
 
     /// Appends records. They are in the operating system's hands when this returns, so a
     /// killed sidecar loses none; with `sync` they are on disk (one fsync per batch).
+    /// Past the cap nothing is appended and the error is [`std::io::ErrorKind::StorageFull`].
     pub async fn append(&mut self, records: &[Record]) -> std::io::Result<()> {
-        append_lines(&self.path, records, self.sync).await?;
+        let lines = lines(records)?;
+        let size = self.size + lines.len() as u64;
+        if self.max_bytes > 0 && size > self.max_bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "the spill file {} holds {} bytes and may hold at most {} (--spill-max-bytes)",
+                    self.path.display(),
+                    self.size,
+                    self.max_bytes
+                ),
+            ));
+        }
+        append_lines(&self.path, &lines, self.sync).await?;
         self.waiting += records.len() as u64;
+        self.size = size;
         Ok(())
     }
 
     /// Keeps records PostgreSQL refused for a reason retrying cannot fix, for an operator.
     pub async fn reject(&mut self, records: &[Record]) -> std::io::Result<()> {
-        append_lines(&self.rejected, records, self.sync).await
+        append_lines(&self.rejected, &lines(records)?, self.sync).await
     }
 
     pub fn rejected_path(&self) -> &Path {
@@ -105,20 +126,26 @@ impl Spill {
                 _ => Err(e),
             })?;
             self.replayed_to = 0;
+            self.size = 0;
         }
         Ok(())
     }
 }
 
-async fn append_lines(path: &Path, records: &[Record], sync: bool) -> std::io::Result<()> {
+/// One JSON document per record, each on a line of its own.
+fn lines(records: &[Record]) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(records.len() * 512);
     for record in records {
         serde_json::to_writer(&mut buf, record).map_err(std::io::Error::other)?;
         buf.push(b'\n');
     }
+    Ok(buf)
+}
+
+async fn append_lines(path: &Path, buf: &[u8], sync: bool) -> std::io::Result<()> {
     let new = sync && !tokio::fs::try_exists(path).await?;
     let mut file = OpenOptions::new().create(true).append(true).open(path).await?;
-    file.write_all(&buf).await?;
+    file.write_all(buf).await?;
     file.flush().await?;
     if sync {
         file.sync_data().await?;
@@ -149,14 +176,14 @@ mod tests {
     #[tokio::test]
     async fn a_record_cut_short_by_a_crash_is_dropped_and_the_rest_replayed() {
         let dir = std::env::temp_dir().join(format!("spill-unit-{}", uuid::Uuid::now_v7()));
-        let mut spill = Spill::open(&dir, true).await.unwrap();
+        let mut spill = Spill::open(&dir, true, 0).await.unwrap();
         spill.append(&[record(1), record(2)]).await.unwrap();
         // A crash in the middle of the next append leaves half a line.
         let mut file = OpenOptions::new().append(true).open(dir.join("records.jsonl")).await.unwrap();
         file.write_all(b"{\"call\":{\"id\":").await.unwrap();
         drop(file);
 
-        let mut spill = Spill::open(&dir, true).await.unwrap();
+        let mut spill = Spill::open(&dir, true, 0).await.unwrap();
         assert_eq!(spill.waiting(), 2, "the cut-short record is not counted");
         spill.append(&[record(3)]).await.unwrap();
         let (records, offset) = spill.peek(10).await.unwrap();
@@ -164,6 +191,32 @@ mod tests {
         assert_eq!(names, ["c1", "c2", "c3"], "the next append does not glue onto the cut line");
         spill.advance(offset, records.len()).await.unwrap();
         assert!(!dir.join("records.jsonl").exists(), "removed once everything is replayed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn past_its_cap_the_file_takes_nothing_until_it_is_replayed() {
+        let dir = std::env::temp_dir().join(format!("spill-unit-{}", uuid::Uuid::now_v7()));
+        let one = lines(&[record(1)]).unwrap().len() as u64;
+        let mut spill = Spill::open(&dir, false, 2 * one + one / 2).await.unwrap();
+        spill.append(&[record(1), record(2)]).await.unwrap();
+        let full = spill.append(&[record(3)]).await.unwrap_err();
+        assert_eq!(full.kind(), std::io::ErrorKind::StorageFull);
+        assert!(full.to_string().contains("--spill-max-bytes"), "{full}");
+        assert_eq!(spill.waiting(), 2, "the refused record is not counted");
+        assert_eq!(std::fs::metadata(dir.join("records.jsonl")).unwrap().len(), 2 * one, "nor written");
+
+        // A restart counts what is there against the cap.
+        let mut spill = Spill::open(&dir, false, 2 * one + one / 2).await.unwrap();
+        assert_eq!(spill.append(&[record(3)]).await.unwrap_err().kind(), std::io::ErrorKind::StorageFull);
+        // Replaying only part of the file frees nothing; replaying all of it frees it all.
+        let (records, offset) = spill.peek(1).await.unwrap();
+        spill.advance(offset, records.len()).await.unwrap();
+        assert_eq!(spill.append(&[record(3)]).await.unwrap_err().kind(), std::io::ErrorKind::StorageFull);
+        let (records, offset) = spill.peek(10).await.unwrap();
+        spill.advance(offset, records.len()).await.unwrap();
+        spill.append(&[record(3), record(4)]).await.unwrap();
+        assert_eq!(spill.waiting(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

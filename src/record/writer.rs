@@ -43,6 +43,8 @@ pub struct Writer {
     pub batch_rows: usize,
     pub queue_capacity: usize,
     pub flush_interval: Duration,
+    /// PostgreSQL's `statement_timeout` for the writer's statements (zero: none).
+    pub write_timeout: Duration,
     pub catalog: Catalog,
     /// Who waits for the records in the pending batch (durable mode).
     pub acks: Vec<oneshot::Sender<()>>,
@@ -51,6 +53,8 @@ pub struct Writer {
     pub retry_at: Instant,
     /// Calls wait for their records' commit (`--durable-records`).
     pub durable: bool,
+    /// The last append found the spill file at its cap (`--spill-max-bytes`).
+    pub spill_full: bool,
 }
 
 enum WriteError {
@@ -196,12 +200,18 @@ impl Writer {
         let kept = match self.spill.append(pending).await {
             Ok(()) => {
                 self.stats.records_spilled.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                self.spill_full = false;
                 true
             }
             Err(e) => {
-                // Nowhere left to keep them: count and say so, loudly.
+                // Nowhere left to keep them: count and say so, loudly. A full spill file
+                // refuses every batch until PostgreSQL is back: said once, counted always.
                 self.stats.records_dropped.fetch_add(pending.len() as u64, Ordering::Relaxed);
-                tracing::error!(error = %e, records = pending.len(), "cannot write the spill file; these records are lost");
+                let full = e.kind() == std::io::ErrorKind::StorageFull;
+                if !(full && self.spill_full) {
+                    tracing::error!(error = %e, records = pending.len(), "cannot write the spill file; these records are lost");
+                }
+                self.spill_full = full;
                 false
             }
         };
@@ -294,13 +304,19 @@ impl Writer {
             Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(Failure::NoConnection),
         };
         let tx = conn.transaction().await?;
+        // A writer blocked inside a statement (a lock held elsewhere, a stalled server)
+        // drains nothing while calls go on queueing: PostgreSQL cancels the statement
+        // instead, the transaction rolls back, and the batch goes to the spill file.
+        // Per transaction (SET LOCAL), so a pooler in transaction mode keeps no trace.
+        let mut settings = format!("SET LOCAL statement_timeout = {};", timeout_ms(self.write_timeout));
         if !self.durable {
             // Without durable records a crash of the sidecar may already lose the last
             // flush interval; a commit that waits for the WAL to reach disk only holds up
             // the writer (a backlog drained at 70-110k rows/s, from run to run, waiting on
             // fsync). PostgreSQL still writes the WAL within a fraction of a second.
-            tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
+            settings.push_str("SET LOCAL synchronous_commit = off;");
         }
+        tx.batch_execute(&settings).await?;
         let mut batch = Batch::default();
         for record in records {
             let call = &record.call;
@@ -338,6 +354,11 @@ impl Writer {
         tx.commit().await?;
         Ok(rows)
     }
+}
+
+/// `statement_timeout` in milliseconds: 0 (none) only for a zero duration.
+fn timeout_ms(timeout: Duration) -> u128 {
+    if timeout.is_zero() { 0 } else { timeout.as_millis().max(1) }
 }
 
 enum Failure {

@@ -39,10 +39,16 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::
 pub fn is_transient(err: &tokio_postgres::Error) -> bool {
     match err.code() {
         // Class 08 connection exceptions, 57P01-03 shutdown/cannot connect now, 53 resources,
-        // 40 serialization/deadlock.
+        // 40 serialization/deadlock, 57014 a statement cancelled (its timeout, or an
+        // operator), 55P03 a lock not granted in time.
         Some(code) => {
             let c = code.code();
-            c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") || c.starts_with("40")
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || c.starts_with("53")
+                || c.starts_with("40")
+                || c == "57014"
+                || c == "55P03"
         }
         // No SQLSTATE: the connection itself failed.
         None => true,
