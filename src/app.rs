@@ -40,6 +40,7 @@ impl App {
             (Arc::new(NoRecorder), None)
         } else {
             let pg = config.database.pg_config()?;
+            store::wait_for_postgres(&pg, config.database.db_startup_wait).await?;
             if !config.recording.skip_migrations {
                 let applied = migrate::run(&pg).await?;
                 if !applied.is_empty() {

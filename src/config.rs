@@ -103,6 +103,12 @@ pub struct DatabaseArgs {
     /// Connections the sidecar keeps to PostgreSQL, besides the record writer's own.
     #[arg(long, env = "MILVUS_SIDECAR_DB_POOL_SIZE", default_value_t = 4)]
     pub db_pool_size: u32,
+
+    /// How long `serve` and `migrate` wait at start for an unreachable PostgreSQL (one
+    /// started at the same time, still starting up) before giving up; 0 tries once. A PostgreSQL that answers with an
+    /// error (wrong password, no such database) fails start-up at once.
+    #[arg(long, env = "MILVUS_SIDECAR_DB_STARTUP_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub db_startup_wait: Duration,
 }
 
 impl DatabaseArgs {
@@ -115,6 +121,7 @@ impl DatabaseArgs {
             postgres_user: String::new(),
             postgres_password: String::new(),
             db_pool_size: 4,
+            db_startup_wait: Duration::from_secs(60),
         }
     }
 

@@ -96,7 +96,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn migrate(database: DatabaseArgs) -> anyhow::Result<()> {
-    let applied = milvus_sidecar::store::migrate::run(&database.pg_config()?).await?;
+    let pg = database.pg_config()?;
+    milvus_sidecar::store::wait_for_postgres(&pg, database.db_startup_wait).await?;
+    let applied = milvus_sidecar::store::migrate::run(&pg).await?;
     if applied.is_empty() {
         println!("schema is up to date");
     } else {

@@ -443,6 +443,41 @@ async fn a_spill_file_at_its_cap_drops_and_counts_the_rest() {
     app.shutdown().await;
 }
 
+/// Started while its PostgreSQL cannot be reached yet (a cluster coming up at once), the
+/// sidecar waits for it rather than exiting, then serves and records as usual.
+#[tokio::test]
+async fn start_up_waits_for_a_postgres_that_is_not_reachable_yet() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let relay = Relay::start(db.server()).await;
+    relay.cut();
+    let url = db.url_via(Some(&relay.addr.to_string()));
+    let starting = tokio::spawn(start_app_with(upstream.addr, url, |_| {}));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!starting.is_finished(), "still waiting while PostgreSQL refuses connections");
+    relay.restore();
+    let (app, _spill) =
+        tokio::time::timeout(Duration::from_secs(10), starting).await.expect("starts once PostgreSQL answers").unwrap();
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    client.unary("Search", search("c")).await.unwrap();
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM query_logs", 1).await, 1);
+    app.shutdown().await;
+}
+
+/// An error PostgreSQL answers with is not worth waiting for: start-up fails at once, saying why.
+#[tokio::test]
+async fn start_up_fails_at_once_when_postgres_refuses_the_database() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let spill = tempdir::Dir::new();
+    let url = db.url().replace(&db.name, &format!("{}_missing", db.name));
+    let started = std::time::Instant::now();
+    let failed = App::start(common::recording_config(upstream.addr, &url, &spill.path)).await.err().expect("fails");
+    assert!(started.elapsed() < Duration::from_secs(5), "no waiting: {:?}", started.elapsed());
+    let message = format!("{failed:#}");
+    assert!(message.contains("does not exist"), "{message}");
+}
+
 /// The writer has a thread of its own: it writes while every thread of the calls' runtime is
 /// busy (this test's runtime has one, shared with the sidecar), and the calls of one flush
 /// interval go in one batch, however the writer is woken.

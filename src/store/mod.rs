@@ -34,6 +34,52 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::
     Ok(client)
 }
 
+/// How often start-up tries an unreachable PostgreSQL again.
+const STARTUP_RETRY: Duration = Duration::from_secs(1);
+
+/// Waits up to `within` for PostgreSQL to accept a connection, for a sidecar started beside
+/// a PostgreSQL that is still starting (a whole cluster coming up): exiting instead would
+/// leave Milvus unreachable behind a container in crash-loop back-off for minutes after
+/// PostgreSQL is up. An error PostgreSQL itself answers with (wrong password, no such
+/// database) returns at once: waiting cannot fix it.
+pub async fn wait_for_postgres(config: &tokio_postgres::Config, within: Duration) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + within;
+    let mut waited = false;
+    loop {
+        // A connection attempt to a host that drops packets would hang past the deadline.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(STARTUP_RETRY);
+        let error = match tokio::time::timeout(left, connect(config)).await {
+            Ok(Ok(_client)) => {
+                if waited {
+                    tracing::info!(waited = ?started.elapsed(), "PostgreSQL is reachable");
+                }
+                return Ok(());
+            }
+            Ok(Err(e)) if !is_transient(&e) => {
+                return Err(anyhow::anyhow!("cannot connect to PostgreSQL: {}", crate::error_chain(&e)));
+            }
+            Ok(Err(e)) => crate::error_chain(&e),
+            Err(_) => format!("no answer within {left:?}"),
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let after = if waited {
+                format!(" (waited {} s, --db-startup-wait)", started.elapsed().as_secs())
+            } else {
+                String::new()
+            };
+            anyhow::bail!("cannot connect to PostgreSQL{after}: {error}");
+        }
+        if !waited {
+            tracing::warn!(error = error.as_str(), wait = ?within, "PostgreSQL is not reachable yet; trying again every second");
+            waited = true;
+        }
+        // The last try at the deadline itself.
+        tokio::time::sleep(STARTUP_RETRY.min(deadline - now)).await;
+    }
+}
+
 /// Whether an error may go away by itself (PostgreSQL restarting, network), as opposed to
 /// a problem with the data that retrying cannot fix.
 pub fn is_transient(err: &tokio_postgres::Error) -> bool {
