@@ -164,6 +164,21 @@ async fn every_call_leaves_its_rows_and_the_mirror_follows() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(actions, vec!["create_collection", "insert"], "state changes are audited, reads are not");
+    // The jsonb columns, compared as jsonb (key order and spacing aside).
+    for (sql, want) in [
+        (
+            "SELECT metadata FROM performance_metrics WHERE operation_type = 'search'",
+            r#"{"nq": 2, "top_k": 3, "result_count": 5}"#,
+        ),
+        ("SELECT metadata FROM performance_metrics WHERE operation_type = 'insert'", r#"{"rows": 10, "acknowledged": 10}"#),
+        ("SELECT metadata FROM performance_metrics WHERE operation_type = 'get_version'", "{}"),
+        ("SELECT search_params FROM query_logs", r#"{"topk": "3"}"#),
+        ("SELECT details FROM audit_logs WHERE action = 'insert'", r#"{"method": "Insert", "rows": 10}"#),
+    ] {
+        let same: bool = c.query_one(&format!("SELECT ({sql}) = $1::text::jsonb"), &[&want]).await.unwrap().get(0);
+        let got: String = c.query_one(&format!("SELECT ({sql})::text"), &[]).await.unwrap().get(0);
+        assert!(same, "{sql}: {got}, expected {want}");
+    }
     let row = c
         .query_one("SELECT dimension, fields->1->>'data_type', shards_num, status FROM collections WHERE collection_name = 'docs'", &[])
         .await

@@ -9,7 +9,7 @@ use crate::facts::{CallFacts, ReplyDetail, RequestDetail};
 use crate::milvus::Rpc;
 use crate::milvus::views::CollectionSchema;
 use crate::settings::Settings;
-use crate::store::logs::{AuditRow, CallRow, IngestionRow, PerfRow, QueryRow};
+use crate::store::logs::{AuditRow, CallRow, IngestionRow, JsonText, PerfRow, QueryRow};
 use crate::store::mirror::{IndexState, MirrorOp, index_state_name};
 
 /// Everything one call leaves in PostgreSQL. Serializable: this is also what the spill
@@ -128,37 +128,45 @@ pub fn resource_type(method: &str) -> &'static str {
     BY_NAME.iter().find(|(part, _)| method.contains(part)).map_or("system", |(_, t)| t)
 }
 
+/// `performance_metrics.metadata`: what a call's size and outcome were, where known.
+#[derive(Serialize, Default)]
+struct PerfMetadata<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nq: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_count: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acknowledged: Option<i64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    partitions: &'a [String],
+}
+
 fn perf_row(f: &CallFacts, method: &str) -> PerfRow {
-    let mut meta = Map::new();
+    let mut meta = PerfMetadata { partitions: &f.request.partitions, ..Default::default() };
     match &f.request.detail {
         RequestDetail::Search(s) => {
-            meta.insert("nq".into(), json!(s.nq));
-            if let Some(k) = s.top_k {
-                meta.insert("top_k".into(), json!(k));
-            }
+            meta.nq = Some(s.nq);
+            meta.top_k = s.top_k;
         }
-        RequestDetail::Insert { rows } => {
-            meta.insert("rows".into(), json!(rows));
-        }
+        RequestDetail::Insert { rows } => meta.rows = Some(*rows),
         _ => {}
     }
     match &f.reply {
-        ReplyDetail::Search { hits, .. } => {
-            meta.insert("result_count".into(), json!(hits));
-        }
+        ReplyDetail::Search { hits, .. } => meta.result_count = Some(*hits),
         ReplyDetail::Mutation { inserted, deleted, upserted } => {
-            meta.insert("acknowledged".into(), json!(inserted + deleted + upserted));
+            meta.acknowledged = Some(inserted + deleted + upserted)
         }
         _ => {}
-    }
-    if !f.request.partitions.is_empty() {
-        meta.insert("partitions".into(), json!(f.request.partitions));
     }
     PerfRow {
         operation: snake_case(method),
         request_bytes: f.request_bytes as i64,
         reply_bytes: f.reply_bytes as i64,
-        metadata: Value::Object(meta),
+        metadata: JsonText::of(&meta),
     }
 }
 
@@ -179,7 +187,7 @@ fn query_row(f: &CallFacts) -> Option<QueryRow> {
             query_type: query_type.into(),
             top_k: s.top_k.map(clamp_i32),
             nq: Some(clamp_i32(s.nq)),
-            search_params: pairs_json(&s.params),
+            search_params: JsonText::of(&Pairs(&s.params)),
             filter: (!s.filter.is_empty()).then(|| s.filter.clone()),
             output_fields: s.output_fields.clone(),
             result_count,
@@ -188,7 +196,7 @@ fn query_row(f: &CallFacts) -> Option<QueryRow> {
             query_type: query_type.into(),
             top_k: limit.map(clamp_i32),
             nq: None,
-            search_params: Value::Object(Map::new()),
+            search_params: JsonText::empty_object(),
             filter: (!filter.is_empty()).then(|| filter.clone()),
             output_fields: output_fields.clone(),
             result_count,
@@ -198,7 +206,7 @@ fn query_row(f: &CallFacts) -> Option<QueryRow> {
             query_type: query_type.into(),
             top_k: None,
             nq: None,
-            search_params: Value::Object(Map::new()),
+            search_params: JsonText::empty_object(),
             filter: None,
             output_fields: Vec::new(),
             result_count: None,
@@ -279,7 +287,7 @@ fn audit_row(f: &CallFacts, method: &str) -> AuditRow {
             details.insert("field_name".into(), json!(field_name));
             details.insert("index_name".into(), json!(index_name));
             if !params.is_empty() {
-                details.insert("params".into(), pairs_json(params));
+                details.insert("params".into(), json!(Pairs(params)));
             }
         }
         _ => {}
@@ -288,7 +296,7 @@ fn audit_row(f: &CallFacts, method: &str) -> AuditRow {
         action: snake_case(method),
         resource_type: resource_type.into(),
         resource_id,
-        details: Value::Object(details),
+        details: JsonText::of(&details),
         ip: f.client.peer.map(|p| p.ip()),
         user_agent: f.client.user_agent.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
     }
@@ -432,8 +440,14 @@ pub fn read_schema(bytes: &[u8]) -> (Option<i32>, Value, String) {
     (dimension, fields, description)
 }
 
-fn pairs_json(pairs: &[(String, String)]) -> Value {
-    Value::Object(pairs.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+/// Key-value parameters as a JSON object; of a repeated key, the last one counts (as in
+/// `jsonb`).
+struct Pairs<'a>(&'a [(String, String)]);
+
+impl Serialize for Pairs<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
 }
 
 fn clamp_i32(v: i64) -> i32 {
