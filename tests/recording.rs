@@ -170,7 +170,10 @@ async fn every_call_leaves_its_rows_and_the_mirror_follows() {
             "SELECT metadata FROM performance_metrics WHERE operation_type = 'search'",
             r#"{"nq": 2, "top_k": 3, "result_count": 5}"#,
         ),
-        ("SELECT metadata FROM performance_metrics WHERE operation_type = 'insert'", r#"{"rows": 10, "acknowledged": 10}"#),
+        (
+            "SELECT metadata FROM performance_metrics WHERE operation_type = 'insert'",
+            r#"{"rows": 10, "acknowledged": 10}"#,
+        ),
         ("SELECT metadata FROM performance_metrics WHERE operation_type = 'get_version'", "{}"),
         ("SELECT search_params FROM query_logs", r#"{"topk": "3"}"#),
         ("SELECT details FROM audit_logs WHERE action = 'insert'", r#"{"method": "Insert", "rows": 10}"#),
