@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 /// A `jsonb` column's value kept as its JSON text: COPYed as is, and written to the spill
 /// file as the JSON it is. Building a `serde_json::Value` tree for each row, serializing it
-/// and dropping it took half of the writer's CPU.
+/// and dropping it was the largest part of the writer thread's profile.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JsonText(Box<RawValue>);
