@@ -156,8 +156,13 @@ def run_workflow(uri: str, token: str | None = None, on_step: StepHook | None = 
     quick_rows = [{"id": i, "vector": v, "note": f"dynamic-{i}"} for i, v in enumerate(vectors(rng, 20))]
 
     auth = {"token": token} if token else {}
+    # A channel of its own: pymilvus otherwise reuses the one an earlier test left open to the
+    # same address, whose idle keepalive pings milvus-lite may have answered with a GOAWAY
+    # (too_many_pings), failing this connect (seen once in CI).
     client = step(
-        "connect", lambda: MilvusClient(uri=uri, timeout=60, **auth), lambda c: {"server_type": c.get_server_type()}
+        "connect",
+        lambda: MilvusClient(uri=uri, timeout=60, dedicated=True, **auth),
+        lambda c: {"server_type": c.get_server_type()},
     )
     if client is None:
         return rec.transcript
