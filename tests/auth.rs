@@ -303,9 +303,11 @@ async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
     let status = call(&s, "Search", None, search("secret")).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    // carol has no grant at all. The revoke comes last: once alice is refused, every
-    // earlier change (carol's row included) has reached the sidecar, and alice's (now
-    // empty) grants are cached again, so nothing invalidates them during the outage.
+    // carol has no grant at all. The revoke comes last. alice can be refused as soon as the
+    // first of these changes clears the grants (the revoke is committed by then), while the
+    // revoke's own notification is still on its way and clears them once more: the loop
+    // below waits for the refusal, then a pause lets any notification still in flight land,
+    // and one more refused call caches alice's (now empty) grants for the outage.
     let c = s.db.client().await;
     let hash = milvus_sidecar::auth::password::hash("carol-pw");
     c.execute("INSERT INTO users (username, role, password_hash) VALUES ('carol', 'user', $1)", &[&hash])
@@ -317,6 +319,8 @@ async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
         assert!(std::time::Instant::now() < deadline, "the revoke was not seen within 2 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    call(&s, "Search", None, search("docs")).await.expect_err("the revoke holds");
     // Connect needs no grant: carol's credential is cached, her grants never loaded.
     call(&s, "Connect", Some("carol:carol-pw"), Bytes::new()).await.expect("carol connects");
 
