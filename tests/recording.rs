@@ -395,10 +395,7 @@ async fn a_table_locked_elsewhere_sends_records_to_disk_until_it_is_free() {
         client.unary("Search", search("c")).await.expect("calls never wait for PostgreSQL");
     }
     let stats = &app.recording.as_ref().unwrap().stats;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while stats.records_spilled.load(Relaxed) < 20 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    settle(Duration::from_secs(10), || stats.records_spilled.load(Relaxed) >= 20).await;
     assert_eq!(stats.records_spilled.load(Relaxed), 20, "the calls made while the table was locked went to disk");
     assert_eq!(spill.spilled_lines(), 20);
 
@@ -433,12 +430,8 @@ async fn a_spill_file_at_its_cap_drops_and_counts_the_rest() {
         client.unary("Search", search("c")).await.expect("a full spill file fails no call");
     }
     let stats = &app.recording.as_ref().unwrap().stats;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while stats.records_spilled.load(Relaxed) + stats.records_dropped.load(Relaxed) < 20
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    settle(Duration::from_secs(10), || stats.records_spilled.load(Relaxed) + stats.records_dropped.load(Relaxed) >= 20)
+        .await;
     let (spilled, dropped) = (stats.records_spilled.load(Relaxed), stats.records_dropped.load(Relaxed));
     assert_eq!(spilled + dropped, 20, "every record either kept or counted as lost: {stats:?}");
     assert!(spilled >= 2 && dropped >= 1, "some fit, the rest did not: {stats:?}");
@@ -450,10 +443,7 @@ async fn a_spill_file_at_its_cap_drops_and_counts_the_rest() {
     let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", spilled as i64).await;
     assert_eq!(arrived, spilled as i64, "what was kept arrives");
     // Emptied by the replay, the file keeps records again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while spill.path.join("records.jsonl").exists() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    settle(Duration::from_secs(10), || !spill.path.join("records.jsonl").exists()).await;
     assert!(!spill.path.join("records.jsonl").exists(), "removed once replayed");
     client.unary("Search", search("c")).await.unwrap();
     let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", spilled as i64 + 1).await;
@@ -703,9 +693,14 @@ async fn a_day_that_cannot_be_created_does_not_stop_the_others() {
 
 /// Waits (up to 5 s) until `done` holds, for a setting that arrives by NOTIFY.
 async fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what} within 5 s");
+    settle(Duration::from_secs(5), &done).await;
+    assert!(done(), "{what} within 5 s");
+}
+
+/// Waits until `done` holds or `within` has passed; the caller asserts on what it finds.
+async fn settle(within: Duration, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
