@@ -40,7 +40,7 @@ impl App {
             (Arc::new(NoRecorder), None)
         } else {
             let pg = config.database.pg_config()?;
-            store::wait_for_postgres(&pg, config.database.db_startup_wait).await?;
+            let client = store::wait_for_postgres(&pg, config.database.db_startup_wait).await?;
             if !config.recording.skip_migrations {
                 let applied = migrate::run(&pg).await?;
                 if !applied.is_empty() {
@@ -48,7 +48,6 @@ impl App {
                 }
             }
             // Settings before the first call, so the first calls already follow them.
-            let client = store::connect(&pg).await.context("cannot connect to PostgreSQL")?;
             system_config::load(&client, &settings).await.context("cannot read system_config")?;
             drop(client);
             let pool = store::pool(pg.clone(), config.database.db_pool_size);

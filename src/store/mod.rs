@@ -37,12 +37,15 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::
 /// How often start-up tries an unreachable PostgreSQL again.
 const STARTUP_RETRY: Duration = Duration::from_secs(1);
 
-/// Waits up to `within` for PostgreSQL to accept a connection, for a sidecar started beside
+/// Waits up to `within` for PostgreSQL to accept a connection (returned), for a sidecar started beside
 /// a PostgreSQL that is still starting (a whole cluster coming up): exiting instead would
 /// leave Milvus unreachable behind a container in crash-loop back-off for minutes after
 /// PostgreSQL is up. An error PostgreSQL itself answers with (wrong password, no such
 /// database) returns at once: waiting cannot fix it.
-pub async fn wait_for_postgres(config: &tokio_postgres::Config, within: Duration) -> anyhow::Result<()> {
+pub async fn wait_for_postgres(
+    config: &tokio_postgres::Config,
+    within: Duration,
+) -> anyhow::Result<tokio_postgres::Client> {
     let started = tokio::time::Instant::now();
     let deadline = started + within;
     let mut waited = false;
@@ -50,11 +53,11 @@ pub async fn wait_for_postgres(config: &tokio_postgres::Config, within: Duration
         // A connection attempt to a host that drops packets would hang past the deadline.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(STARTUP_RETRY);
         let error = match tokio::time::timeout(left, connect(config)).await {
-            Ok(Ok(_client)) => {
+            Ok(Ok(client)) => {
                 if waited {
                     tracing::info!(waited = ?started.elapsed(), "PostgreSQL is reachable");
                 }
-                return Ok(());
+                return Ok(client);
             }
             Ok(Err(e)) if !is_transient(&e) => {
                 return Err(anyhow::anyhow!("cannot connect to PostgreSQL: {}", crate::error_chain(&e)));
