@@ -28,26 +28,28 @@ impl Record {
     /// None when the settings switch off every row this call would produce.
     pub fn from_facts(mut f: CallFacts, settings: &Settings) -> Option<Record> {
         super::scrub::facts(&mut f);
-        let method = f.method.name().to_owned();
         let success = f.outcome.is_success();
+        // The rows that only read the facts come first; the query row and the call row
+        // then take their strings out of the facts instead of copying them.
+        let method = f.method.name();
+        let perf = settings.performance().then(|| perf_row(&f, method));
+        let audit = (settings.audit() && (settings.audit_every_call() || should_audit(method, &f)))
+            .then(|| audit_row(&f, method));
+        let mirror = if success { mirror_op(&f) } else { None };
+        let ingestion = ingestion_row(&f);
+        let query = query_row(&mut f);
         let call = CallRow {
             id: f.id,
             at: f.started_at,
-            user: f.client.user.clone(),
-            database: f.database.clone(),
-            collection: f.request.collection.clone(),
+            user: f.client.user.take(),
+            database: std::mem::take(&mut f.database),
+            collection: f.request.collection.take(),
             duration_ms: f.duration.as_secs_f64() * 1000.0,
             success,
             grpc_code: f.outcome.grpc as i16,
             milvus_code: f.outcome.milvus_code,
-            error: if success { None } else { f.outcome.message.clone() },
+            error: if success { None } else { f.outcome.message.take() },
         };
-        let perf = settings.performance().then(|| perf_row(&f, &method));
-        let query = query_row(&f);
-        let ingestion = ingestion_row(&f);
-        let audit = (settings.audit() && (settings.audit_every_call() || should_audit(&method, &f)))
-            .then(|| audit_row(&f, &method));
-        let mirror = if success { mirror_op(&f) } else { None };
         let record = Record { call, perf, query, ingestion, audit, mirror };
         let empty = record.perf.is_none()
             && record.query.is_none()
@@ -170,7 +172,8 @@ fn perf_row(f: &CallFacts, method: &str) -> PerfRow {
     }
 }
 
-fn query_row(f: &CallFacts) -> Option<QueryRow> {
+/// Takes the filter and output fields out of `f`: nothing reads them after this row.
+fn query_row(f: &mut CallFacts) -> Option<QueryRow> {
     let query_type = match f.method.rpc? {
         Rpc::Search => "search",
         Rpc::HybridSearch => "hybrid_search",
@@ -182,14 +185,14 @@ fn query_row(f: &CallFacts) -> Option<QueryRow> {
         ReplyDetail::Rows(rows) => Some(rows),
         _ => None,
     };
-    let row = match &f.request.detail {
+    let row = match &mut f.request.detail {
         RequestDetail::Search(s) => QueryRow {
             query_type: query_type.into(),
             top_k: s.top_k.map(clamp_i32),
             nq: Some(clamp_i32(s.nq)),
             search_params: JsonText::of(&Pairs(&s.params)),
-            filter: (!s.filter.is_empty()).then(|| s.filter.clone()),
-            output_fields: s.output_fields.clone(),
+            filter: non_empty(&mut s.filter),
+            output_fields: std::mem::take(&mut s.output_fields),
             result_count,
         },
         RequestDetail::Query { filter, output_fields, limit } => QueryRow {
@@ -197,8 +200,8 @@ fn query_row(f: &CallFacts) -> Option<QueryRow> {
             top_k: limit.map(clamp_i32),
             nq: None,
             search_params: JsonText::empty_object(),
-            filter: (!filter.is_empty()).then(|| filter.clone()),
-            output_fields: output_fields.clone(),
+            filter: non_empty(filter),
+            output_fields: std::mem::take(output_fields),
             result_count,
         },
         // Refused before its body was read: still a query that was attempted.
@@ -213,6 +216,11 @@ fn query_row(f: &CallFacts) -> Option<QueryRow> {
         },
     };
     Some(row)
+}
+
+/// `s` moved out, or None when it is empty.
+fn non_empty(s: &mut String) -> Option<String> {
+    (!s.is_empty()).then(|| std::mem::take(s))
 }
 
 fn ingestion_row(f: &CallFacts) -> Option<IngestionRow> {
