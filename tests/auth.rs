@@ -303,23 +303,22 @@ async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
     let status = call(&s, "Search", None, search("secret")).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    // carol has no grant at all. The revoke comes last. alice can be refused as soon as the
-    // first of these changes clears the grants (the revoke is committed by then), while the
-    // revoke's own notification is still on its way and clears them once more: the loop
-    // below waits for the refusal, then a pause lets any notification still in flight land,
-    // and one more refused call caches alice's (now empty) grants for the outage.
+    // carol has no grant at all; the revoke comes last. Each change notification clears the
+    // cached grants, so alice's (now empty) grants are cached for the outage by a call made
+    // after the revoke's own notification was acted on; notifications arrive in commit
+    // order, so carol's is in by then. A call made earlier could be refused on the strength
+    // of carol's notification and have its grants cleared again by the revoke's.
+    let admin = s.app.running.admin_addr;
+    let revokes = "milvus_sidecar_auth_change_notifications_total{table=\"permissions\"}";
+    // The set-up's grant notified too: once it is counted it cannot pass for the revoke.
+    let before = at_least(admin, revokes, 1.0).await;
     let c = s.db.client().await;
     let hash = milvus_sidecar::auth::password::hash("carol-pw");
     c.execute("INSERT INTO users (username, role, password_hash) VALUES ('carol', 'user', $1)", &[&hash])
         .await
         .unwrap();
     c.batch_execute("DELETE FROM permissions").await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while call(&s, "Search", None, search("docs")).await.is_ok() {
-        assert!(std::time::Instant::now() < deadline, "the revoke was not seen within 2 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    at_least(admin, revokes, before + 1.0).await;
     call(&s, "Search", None, search("docs")).await.expect_err("the revoke holds");
     // Connect needs no grant: carol's credential is cached, her grants never loaded.
     call(&s, "Connect", Some("carol:carol-pw"), Bytes::new()).await.expect("carol connects");
@@ -488,6 +487,19 @@ async fn a_service_credential_replaces_the_callers_towards_milvus() {
     let expected = base64::engine::general_purpose::STANDARD.encode("alice:alice-pw");
     assert_eq!(seen.headers["authorization"], expected.as_str());
     s.app.shutdown().await;
+}
+
+/// Waits (up to 5 s) for the sample `series` on the admin listener to reach `value`; returns it.
+async fn at_least(admin: std::net::SocketAddr, series: &str, value: f64) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = sample(&http_get(admin, "/metrics").await.1, series);
+        if now >= value {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, waiting for {value}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The value of one sample in a Prometheus text scrape (`name{labels}` exactly as

@@ -68,6 +68,12 @@ pub struct AuthStats {
     pub grant_misses: AtomicU64,
     /// argon2 verifications run (each costs tens of milliseconds of CPU).
     pub password_checks: AtomicU64,
+    /// Change notifications acted on, by the table that changed: whether LISTEN works, and
+    /// when a change reached the caches.
+    pub users_changes: AtomicU64,
+    pub permissions_changes: AtomicU64,
+    pub collections_changes: AtomicU64,
+    pub other_changes: AtomicU64,
 }
 
 impl AuthStats {
@@ -186,10 +192,19 @@ impl Authority {
 
     /// Acts on a change notification: the payload names the table that changed.
     fn changed(&self, table: &str) {
-        match table {
-            "permissions" | "collections" => self.invalidate_grants(),
-            _ => self.invalidate(),
+        let (counter, grants_only) = match table {
+            "permissions" => (&self.stats.permissions_changes, true),
+            "collections" => (&self.stats.collections_changes, true),
+            "users" => (&self.stats.users_changes, false),
+            _ => (&self.stats.other_changes, false),
+        };
+        if grants_only {
+            self.invalidate_grants();
+        } else {
+            self.invalidate();
         }
+        // Counted once the caches are cleared: a count seen means the change is in effect.
+        counter.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Checks the caller's credential.

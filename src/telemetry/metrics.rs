@@ -80,6 +80,7 @@ struct Pulled {
     auth_decisions: IntCounterVec,
     auth_cache: IntCounterVec,
     password_checks: IntCounter,
+    auth_changes: IntCounterVec,
     queue_depth: IntGauge,
     rows_written: IntCounter,
     rows_spilled: IntCounter,
@@ -140,6 +141,7 @@ impl Metrics {
             Box::new(pulled.auth_decisions.clone()),
             Box::new(pulled.auth_cache.clone()),
             Box::new(pulled.password_checks.clone()),
+            Box::new(pulled.auth_changes.clone()),
             Box::new(pulled.queue_depth.clone()),
             Box::new(pulled.rows_written.clone()),
             Box::new(pulled.rows_spilled.clone()),
@@ -260,6 +262,14 @@ impl Metrics {
                 set_counter(&p.auth_cache.with_label_values(&[cache, result]), counter.load(Ordering::Relaxed));
             }
             set_counter(&p.password_checks, s.password_checks.load(Ordering::Relaxed));
+            for (table, counter) in [
+                ("users", &s.users_changes),
+                ("permissions", &s.permissions_changes),
+                ("collections", &s.collections_changes),
+                ("other", &s.other_changes),
+            ] {
+                set_counter(&p.auth_changes.with_label_values(&[table]), counter.load(Ordering::Relaxed));
+            }
         }
         if let Some(pool) = &sources.pool {
             let state = pool.state();
@@ -301,6 +311,14 @@ impl Pulled {
                 "milvus_sidecar_auth_password_checks_total",
                 "argon2 password verifications (a credential is verified once, then cached)",
             ),
+            auth_changes: IntCounterVec::new(
+                Opts::new(
+                    "milvus_sidecar_auth_change_notifications_total",
+                    "Change notifications from PostgreSQL acted on, by table (each clears the cached grants; users also credentials)",
+                ),
+                &["table"],
+            )
+            .expect("valid metric"),
             queue_depth: gauge("milvus_sidecar_recording_queue_depth", "Call records waiting for the writer"),
             rows_written: counter("milvus_sidecar_recording_rows_written_total", "Rows written to PostgreSQL"),
             rows_spilled: counter(
