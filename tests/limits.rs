@@ -134,3 +134,37 @@ async fn an_over_limit_message_is_refused_naming_the_limit_before_it_is_read() {
     client.unary("Search", Bytes::from_static(b"\x1a\x01c")).await.expect("a small Search is forwarded");
     assert_eq!(upstream.count("Search"), 1);
 }
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_ends_at_the_callers_deadline() {
+    let upstream = FakeUpstream::start().await;
+    let sidecar = Sidecar::start(upstream.addr).await;
+    let addr = sidecar.addr();
+    let mut send = h2_connect(addr).await.unwrap();
+    // A Search whose prefix announces 100 bytes; 10 arrive and the stream stays open, as
+    // from a client that stalls without cancelling.
+    let (more, body) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
+    let mut partial = vec![0, 0, 0, 0, 100];
+    partial.extend_from_slice(b"\x12\x08partial_");
+    more.send(Ok(http_body::Frame::data(Bytes::from(partial)))).await.unwrap();
+    let request = http::Request::post(format!("http://{addr}{}", path("Search")))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body)))
+        .unwrap();
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(5), send.send_request(request))
+        .await
+        .expect("answered, not held past the deadline")
+        .unwrap();
+    let took = started.elapsed();
+    let headers = reply.headers();
+    let status = headers.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED: {headers:?}");
+    let message = headers.get("grpc-message").unwrap().to_str().unwrap();
+    assert!(message.contains("300ms") && message.contains("deadline"), "{message}");
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(2), "answered after {took:?}");
+    assert_eq!(upstream.count("Search"), 0, "nothing reached Milvus");
+    drop(more);
+}

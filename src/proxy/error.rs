@@ -29,6 +29,9 @@ pub enum ProxyError {
     #[error("the client went away before its request was complete: {0}")]
     ClientGone(String),
 
+    #[error("the request was not complete within {after:?} ({limit}); nothing was sent to Milvus")]
+    RequestTimeout { after: Duration, limit: &'static str },
+
     /// Milvus's own wording, so SDKs show the same message through the sidecar.
     #[error("{0}")]
     Unauthenticated(&'static str),
@@ -61,6 +64,7 @@ impl ProxyError {
             ProxyError::UnsupportedEncoding { .. } => Code::Unimplemented,
             ProxyError::Malformed { .. } => Code::InvalidArgument,
             ProxyError::ClientGone(_) => Code::Cancelled,
+            ProxyError::RequestTimeout { .. } => Code::DeadlineExceeded,
             ProxyError::Unauthenticated(_) => Code::Unauthenticated,
             ProxyError::PermissionDenied(_) => Code::PermissionDenied,
             ProxyError::AuthUnavailable(_) => Code::Unavailable,

@@ -142,11 +142,13 @@ impl Shared {
         let listing = method.name() == "ShowCollections";
         let needs_body = rpc.is_some() || (who.is_some() && (scoped || listing));
 
+        let deadline = self.deadline(rpc, &mut parts.headers);
         let mut database_in_body = None;
         let mut streamed = None;
         let body = if needs_body {
             let bulky = rpc.map_or(&[][..], |rpc| rpc.request().bulky_fields());
-            let head = match inspect::read(method.name(), body, self.max_message_bytes, bulky).await {
+            let read = inspect::read(method.name(), body, self.max_message_bytes, bulky);
+            let head = match by_deadline(deadline, started, read).await {
                 Ok(head) => head,
                 Err(refusal) => return answer_ourselves(call, refusal),
             };
@@ -154,7 +156,8 @@ impl Shared {
                 // A streamed insert is authorized on the collection it names before its
                 // rows; one that names none there is read whole.
                 Head::Streaming(s) if who.is_some() && !names_a_collection(rule, s.sketch()) => {
-                    match s.into_whole(method.name(), self.max_message_bytes).await {
+                    let read = s.into_whole(method.name(), self.max_message_bytes);
+                    match by_deadline(deadline, started, read).await {
                         Ok(bytes) => Head::Whole(bytes),
                         Err(refusal) => return answer_ourselves(call, refusal),
                     }
@@ -248,7 +251,6 @@ impl Shared {
         {
             call.on_created = Some(CreatedHook { authority: (*auth).clone(), principal: principal.clone() });
         }
-        let deadline = self.deadline(rpc, &mut parts.headers);
         call.forwarded_at = Some(Instant::now());
         let reply = self.upstream.send(Request::from_parts(parts, body), deadline).await;
         // A streamed request the sidecar broke off: its reason, not the upstream's account
@@ -436,6 +438,19 @@ fn same_targets(
         let reason = "the collection or database it names after its rows differs from the one named before them".into();
         Err(ProxyError::Malformed { method: method.clone(), reason })
     })
+}
+
+/// `read` (of a request body the sidecar needs before forwarding), cut off at the call's
+/// deadline: a client whose body stops arriving gets DEADLINE_EXCEEDED then, as from Milvus,
+/// instead of holding the call open. A body already there is read without a timer.
+async fn by_deadline<T>(
+    deadline: Option<Deadline>,
+    started: Instant,
+    read: impl Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    let Some(Deadline { after, source }) = deadline else { return read.await };
+    let at = tokio::time::Instant::from_std(started + after);
+    tokio::time::timeout_at(at, read).await.unwrap_or(Err(ProxyError::RequestTimeout { after, limit: source }))
 }
 
 /// Ends a call with the sidecar's own status, recorded like any other outcome.
