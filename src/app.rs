@@ -40,9 +40,9 @@ impl App {
             (Arc::new(NoRecorder), None)
         } else {
             let pg = config.database.pg_config()?;
-            let client = store::wait_for_postgres(&pg, config.database.db_startup_wait).await?;
+            let mut client = store::wait_for_postgres(&pg, config.database.db_startup_wait).await?;
             if !config.recording.skip_migrations {
-                let applied = migrate::run(&pg).await?;
+                let applied = migrate::run(&mut client).await?;
                 if !applied.is_empty() {
                     tracing::info!(?applied, "database migrated");
                 }

@@ -97,8 +97,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn migrate(database: DatabaseArgs) -> anyhow::Result<()> {
     let pg = database.pg_config()?;
-    milvus_sidecar::store::wait_for_postgres(&pg, database.db_startup_wait).await?;
-    let applied = milvus_sidecar::store::migrate::run(&pg).await?;
+    let mut client = milvus_sidecar::store::wait_for_postgres(&pg, database.db_startup_wait).await?;
+    let applied = milvus_sidecar::store::migrate::run(&mut client).await?;
     if applied.is_empty() {
         println!("schema is up to date");
     } else {

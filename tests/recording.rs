@@ -280,12 +280,13 @@ async fn system_config_changes_apply_without_a_restart() {
 async fn migrations_apply_once_and_partitions_follow_retention() {
     let db = TestDb::create().await;
     let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
-    let first = milvus_sidecar::store::migrate::run(&config).await.unwrap();
+    let mut client = db.client().await;
+    let first = milvus_sidecar::store::migrate::run(&mut client).await.unwrap();
     assert_eq!(
         first,
         ["V1__schema", "V2__log_tables_without_foreign_keys", "V3__log_partitions_take_over_default_rows"]
     );
-    assert!(milvus_sidecar::store::migrate::run(&config).await.unwrap().is_empty(), "re-running is a no-op");
+    assert!(milvus_sidecar::store::migrate::run(&mut client).await.unwrap().is_empty(), "re-running is a no-op");
     let keys: Vec<String> = db
         .client()
         .await
@@ -527,8 +528,8 @@ const LOG_TABLES: [(&str, &str); 4] = [
 async fn migrated() -> (TestDb, tokio_postgres::Client, milvus_sidecar::store::Pool) {
     let db = TestDb::create().await;
     let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
-    milvus_sidecar::store::migrate::run(&config).await.unwrap();
-    let client = db.client().await;
+    let mut client = db.client().await;
+    milvus_sidecar::store::migrate::run(&mut client).await.unwrap();
     (db, client, milvus_sidecar::store::pool(config, 1))
 }
 

@@ -26,8 +26,8 @@ const SIDECAR: &str = env!("CARGO_BIN_EXE_milvus-sidecar");
 /// A migrated database of its own, and a connection to it.
 async fn mirror() -> (TestDb, tokio_postgres::Client) {
     let db = TestDb::create().await;
-    migrate::run(&db.url().parse().unwrap()).await.expect("migrations apply");
-    let client = db.client().await;
+    let mut client = db.client().await;
+    migrate::run(&mut client).await.expect("migrations apply");
     (db, client)
 }
 
