@@ -33,6 +33,14 @@ check_rust() {
     cargo fmt --version >/dev/null 2>&1 || die "rustfmt missing: rustup component add rustfmt"
     cargo clippy --version >/dev/null 2>&1 || die "clippy missing: rustup component add clippy"
     DONE+=("rust: $(cargo --version | cut -d' ' -f1-2), rustfmt and clippy present")
+    # The allocator (tikv-jemalloc-sys) is built from C source with cc and make.
+    local missing=()
+    command -v cc >/dev/null || missing+=(gcc)
+    command -v make >/dev/null || missing+=(make)
+    if ((${#missing[@]})); then
+        apt_install "${missing[@]}"
+    fi
+    DONE+=("C build tools for jemalloc: $(cc --version | head -1), $(make --version | head -1)")
 }
 
 pick_python() {

@@ -4,8 +4,33 @@ use milvus_sidecar::config::{Cli, Command, Config, DatabaseArgs, LogFormat, Sync
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc rather than glibc's malloc. `perf` of the sidecar at 32 concurrent searches had
+/// 30 % of the call thread's samples in libc, two thirds of them malloc and free: glibc
+/// locks an arena for each free of a block another thread allocated (every call's record
+/// is freed by the writer thread), and consolidates its fast bins. jemalloc's per-thread
+/// caches take 9-22 % off the CPU per call (bench, paired runs; README, Performance).
+///
+/// It also keeps argon2's 19 MiB per password check off the resident set: blocks of 8 MiB
+/// and more come from an arena that gives its pages back as soon as they are freed. glibc
+/// needed a fixed mmap threshold for that (else one such block stayed per thread that ever
+/// checked a password: 68 MiB idle), and then a raised trim threshold so that large HTTP/2
+/// buffers were not unmapped and faulted in again on every 4 MiB insert. mimalloc saved
+/// more CPU but held 37-53 MiB idle.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read once at its start (`malloc_conf`; `_rjem_` is tikv-jemalloc-sys's
+/// prefix). Freed pages go back to the system within about a second rather than ten: with
+/// ten seconds' worth kept, four 4 MiB inserts in flight reached 29-32.2 MiB of RSS (the
+/// issue's bound is 32), and a search load after them 29-31; with one second's, 22-31.5 and
+/// 24-25. Giving pages back at once (0) doubled the CPU per insert; a background purging
+/// thread (`background_thread`) added 3-4 µs per search call at c=32 with its wake-ups.
+#[cfg(target_os = "linux")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: Option<&std::ffi::c_char> = Some(unsafe { &*c"dirty_decay_ms:1000".as_ptr() });
+
 fn main() -> ExitCode {
-    return_large_blocks_to_the_system();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
@@ -27,29 +52,6 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc serves a large block from mmap and unmaps it when freed, until its dynamic
-/// threshold has risen past that size (it does, on the first such free): from then on each
-/// allocator arena keeps one. argon2's 19 MiB per password check then stays resident, one
-/// per thread that ever checked a password (idle RSS 68 MiB after start-up; a soak grew
-/// 180 -> 260 MB in 19 MiB steps). A fixed 16 MiB threshold keeps argon2's block on mmap,
-/// given back as soon as it is freed (13 MiB idle). A lower one (1 MiB) would also map and
-/// unmap every 4 MiB insert buffer: 7 ms of CPU per 4 MiB insert instead of 4.8 (bench).
-///
-/// Fixing the mmap threshold also fixes the trim threshold at its 128 KiB default: the
-/// heap then gives back, and faults in again, every large HTTP/2 read buffer a
-/// large insert passes through (page faults and unmapping were ~15 % of the CPU of a
-/// 4 MiB insert). Keeping up to 4 MiB of free heap took a 4 MiB insert from 2.3 to 1.7 ms
-/// of CPU (nginx: 1.6), for at most 4 MiB more RSS after such traffic.
-fn return_large_blocks_to_the_system() {
-    // SAFETY: mallopt only sets tuning parameters of the C allocator; called before any
-    // other thread exists.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }
 

@@ -76,6 +76,17 @@ impl Process {
         assert_eq!(sent, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
     }
 
+    /// Its resident set now (VmRSS), in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/PID/status:\n{status}"));
+        kib / 1024.0
+    }
+
     /// Waits up to `within` for the process to exit; None if it is still running then.
     pub async fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
