@@ -694,11 +694,10 @@ async fn password_checks_give_their_memory_back() {
     let after = p.rss_mib();
     let (status, log) = p.stop().await;
     assert_eq!(status.code(), Some(0), "{log}");
-    // One block kept would be 19 MiB more; the bound under load is 32 MiB.
-    assert!(
-        after < 32.0 && after - before < 12.0,
-        "RSS {before:.1} MiB before {USERS} password checks, {after:.1} after"
-    );
+    // One block kept would be 19 MiB more. Measured: 1.6 MiB more; 97 MiB more with
+    // jemalloc's arena for large blocks turned off (`_RJEM_MALLOC_CONF=oversize_threshold:0`).
+    // Growth, not a level: a debug build's larger binary starts at 26 MiB.
+    assert!(after - before < 12.0, "RSS {before:.1} MiB before {USERS} password checks, {after:.1} after");
 }
 
 const DEFAULT_PASSWORD_WARNING: &str = "SECURITY: user root still has the default password 'Milvus'";
