@@ -16,9 +16,12 @@ pub use pb::*;
 pub fn read_request(kind: Request, msg: &[u8]) -> Result<RequestFacts, prost::DecodeError> {
     let facts = match kind {
         Request::Search => {
-            let r = SearchRequest::decode(msg)?;
-            let partitions = r.partition_names.clone();
-            scoped(r.db_name.clone(), r.collection_name.clone(), partitions, search_facts(r))
+            let mut r = SearchRequest::decode(msg)?;
+            // Taken, not cloned: the rest of the request goes into the search's facts.
+            let database = std::mem::take(&mut r.db_name);
+            let collection = std::mem::take(&mut r.collection_name);
+            let partitions = std::mem::take(&mut r.partition_names);
+            scoped(database, collection, partitions, search_facts(r))
         }
         Request::HybridSearch => {
             let r = HybridSearchRequest::decode(msg)?;
