@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 /// 30 % of the call thread's samples in libc, two thirds of them malloc and free: glibc
 /// locks an arena for each free of a block another thread allocated (every call's record
 /// is freed by the writer thread), and consolidates its fast bins. jemalloc's per-thread
-/// caches take 9-22 % off the CPU per call (bench, paired runs; README, Performance).
+/// caches take 6-22 % off the CPU per call (bench, paired runs; README, Performance).
 ///
 /// It also keeps argon2's 19 MiB per password check off the resident set: blocks of 8 MiB
 /// and more come from an arena that gives its pages back as soon as they are freed. glibc
