@@ -243,6 +243,9 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
             None => println!("\nno milvus-lite (MILVUS_LITE_BIN, .venv/bin/milvus-lite): the lite scenario is skipped"),
         }
     }
+    // Idle again: two seconds after the last call, as long as the sidecar takes to give back
+    // what the runs freed (src/main.rs, give_back_freed_pages).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_after: Vec<(Target, f64)> = idle
         .iter()
         .filter_map(|&(t, _)| Some((t, procstat::usage(&stack.pids(t)).ok()?.rss_kib as f64 / 1024.0)))

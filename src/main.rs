@@ -30,6 +30,38 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static MALLOC_CONF: Option<&std::ffi::c_char> = Some(unsafe { &*c"dirty_decay_ms:1000".as_ptr() });
 
+/// Once a second, has jemalloc give back the pages its decay has let go of by now. jemalloc
+/// purges only when it is called into, and without a background thread (see above) nothing
+/// calls it while the sidecar is idle: the pages a burst of calls freed stayed resident
+/// until traffic resumed (four 4 MiB inserts at a time left 45 MiB against 21 before, in
+/// `tests/memory.rs`). Under load this purges what the next allocations would have.
+#[cfg(target_os = "linux")]
+async fn give_back_freed_pages() -> std::convert::Infallible {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: `arena.<i>.decay` reads and writes no value, so every pointer is null
+        // and the length 0; 4096 is MALLCTL_ARENAS_ALL, every arena. The name is a C string.
+        let failed = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                c"arena.4096.decay".as_ptr(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        debug_assert_eq!(failed, 0, "mallctl arena.4096.decay");
+    }
+}
+
+/// Elsewhere the system's allocator keeps its own policy.
+#[cfg(not(target_os = "linux"))]
+async fn give_back_freed_pages() -> std::convert::Infallible {
+    std::future::pending().await
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
@@ -90,7 +122,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         recording = app.recording.is_some(),
         "milvus-sidecar serving"
     );
-    shutdown_signal().await?;
+    tokio::select! {
+        signal = shutdown_signal() => signal?,
+        never = give_back_freed_pages() => match never {},
+    }
     tracing::info!("shutdown requested");
     app.shutdown().await;
     tracing::info!("stopped");
