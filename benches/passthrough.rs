@@ -37,6 +37,13 @@
 //!   the sidecar; a fresh one is best). Without it the `sidecar` target and the writer
 //!   measurement are skipped.
 
+/// The sidecar binary's allocator (src/main.rs), so that the measures made in this process
+/// (the writer backlog, the permission check) run on the allocator the sidecar runs on. The
+/// load generator and the fake upstream use it too, for every target alike.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[path = "support/auth_check.rs"]
 mod auth_check;
 #[path = "support/fake_milvus.rs"]
