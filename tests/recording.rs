@@ -284,7 +284,12 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
     let first = milvus_sidecar::store::migrate::run(&mut client).await.unwrap();
     assert_eq!(
         first,
-        ["V1__schema", "V2__log_tables_without_foreign_keys", "V3__log_partitions_take_over_default_rows"]
+        [
+            "V1__schema",
+            "V2__log_tables_without_foreign_keys",
+            "V3__log_partitions_take_over_default_rows",
+            "V4__log_time_indexes_ascending"
+        ]
     );
     assert!(milvus_sidecar::store::migrate::run(&mut client).await.unwrap().is_empty(), "re-running is a no-op");
     let keys: Vec<String> = db
@@ -606,7 +611,8 @@ async fn rows_in_a_default_partition_move_into_their_day_and_expire_with_it() {
     }
 
     let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
-    assert_eq!(done, Maintained { created: 8, failed: 0, dropped: 0 }, "two days in each of the four tables");
+    let expected = Maintained { created: 8, failed: 0, dropped: 0, indexes_built: 0 };
+    assert_eq!(done, expected, "two days in each of the four tables");
 
     for ((table, column), before) in LOG_TABLES.into_iter().zip(before) {
         let (yesterday, ahead, today) =
@@ -690,6 +696,108 @@ async fn a_day_that_cannot_be_created_does_not_stop_the_others() {
         .unwrap()
         .get(0);
     assert!(after, "the day after the failing one was created");
+}
+
+/// The log tables' indexes on a time column: each one's definition and whether it is valid
+/// (every partition has its copy).
+async fn time_indexes(c: &tokio_postgres::Client) -> Vec<(String, String, bool)> {
+    c.query(
+        "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid), i.indisvalid
+         FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid
+         WHERE t.relname = ANY(log_tables()) AND NOT i.indisprimary
+         ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// How many of `table`'s indexes `relation` (one of its partitions) has its copy of.
+async fn copies_on(c: &tokio_postgres::Client, relation: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_index i JOIN pg_inherits a ON a.inhrelid = i.indexrelid
+         WHERE i.indrelid = to_regclass($1)",
+        &[&relation],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn upgrading_to_ascending_time_indexes_builds_the_days_with_rows_afterwards() {
+    let db = TestDb::create().await;
+    let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
+    let mut client = db.client().await;
+    milvus_sidecar::store::migrate::run_up_to(&mut client, 3).await.unwrap();
+    let c = db.client().await;
+    // A deployment at V3 with rows today, yesterday and in DEFAULT (a day with no partition).
+    for (table, _) in LOG_TABLES {
+        drop_partition(&c, table, 5).await;
+        for (day, n) in [(0, 50), (-1, 20), (5, 3)] {
+            log_rows(&c, table, day, n).await;
+        }
+    }
+    assert!(time_indexes(&c).await.iter().all(|(_, def, _)| def.contains(" DESC)")), "V3 indexes are descending");
+
+    let applied = milvus_sidecar::store::migrate::run(&mut client).await.unwrap();
+    assert_eq!(applied, ["V4__log_time_indexes_ascending"]);
+    let indexes = time_indexes(&c).await;
+    assert_eq!(indexes.len(), 11, "{indexes:?}");
+    for (name, def, valid) in &indexes {
+        assert!(!def.contains("DESC"), "{name}: {def}");
+        assert!(!valid, "{name}: partitions with rows wait for theirs");
+    }
+    let per_table = |table: &str| if table == "ingestion_logs" { 2 } else { 3 };
+    for (table, _) in LOG_TABLES {
+        let (today, ahead) = (partition(&c, table, 0).await, partition(&c, table, 1).await);
+        assert_eq!(copies_on(&c, &ahead).await, per_table(table) + 1, "{ahead}: empty, built in the migration");
+        assert_eq!(copies_on(&c, &today).await, 1, "{today}: only the primary key's until maintenance");
+    }
+
+    // Leftovers of builds broken off: a valid index not attached yet, and an invalid one
+    // (a unique build that failed on duplicate times) under the names maintenance uses.
+    let today = partition(&c, "query_logs", 0).await;
+    c.batch_execute(&format!("CREATE INDEX \"{today}_user\" ON \"{today}\" (user_id, executed_at)")).await.unwrap();
+    let unique = format!("CREATE UNIQUE INDEX CONCURRENTLY \"{today}_time\" ON \"{today}\" (executed_at)");
+    assert!(c.batch_execute(&unique).await.is_err(), "50 rows share one time");
+
+    let pool = milvus_sidecar::store::pool(config, 1);
+    let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    // Today, yesterday and DEFAULT in each table: 3 x (3 + 3 + 3 + 2) copies.
+    assert_eq!(done.indexes_built, 33, "{done:?}");
+    for (name, def, valid) in time_indexes(&c).await {
+        assert!(valid, "{name} ({def}): every partition has its copy now");
+    }
+    for (table, _) in LOG_TABLES {
+        for relation in [partition(&c, table, 0).await, partition(&c, table, -1).await, format!("{table}_default")] {
+            assert_eq!(copies_on(&c, &relation).await, per_table(table) + 1, "{relation}");
+        }
+    }
+    let unique: bool = c
+        .query_one("SELECT indisunique FROM pg_index WHERE indexrelid = to_regclass($1)", &[&format!("{today}_time")])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!unique, "the invalid leftover was dropped and the right index built in its place");
+    // Newest first, as the CLI and dashboards read them, from the ascending index.
+    c.batch_execute("SET enable_seqscan = off").await.unwrap();
+    let plan: Vec<String> = c
+        .query(
+            "EXPLAIN SELECT id FROM query_logs WHERE executed_at >= current_date ORDER BY executed_at DESC LIMIT 5",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|line| line.contains("Index Scan Backward")), "{plan:#?}");
+    let again = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!(again.indexes_built, 0, "nothing left to build");
 }
 
 /// Waits (up to 5 s) until `done` holds, for a setting that arrives by NOTIFY.
@@ -854,6 +962,7 @@ async fn skip_migrations_leaves_an_empty_database_untouched() {
     // Without it, the same start-up migrates.
     config.recording.skip_migrations = false;
     let app = App::start(config).await.expect("migrates, then starts");
-    assert_eq!(db.count("SELECT count(*) FROM refinery_schema_history").await, 3);
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap().count();
+    assert_eq!(db.count("SELECT count(*) FROM refinery_schema_history").await, migrations as i64);
     app.shutdown().await;
 }

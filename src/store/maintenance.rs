@@ -1,6 +1,8 @@
 //! Log partitions: created ahead of time, dropped whole once past the retention period.
 //! Rows that reached a table's DEFAULT partition (their day had no partition yet) move into
 //! their day's partition when it is created, or are deleted with the rest of their day.
+//! Partitions that lack one of their table's indexes (migration V4 leaves those that held
+//! rows to this) get it built here, without blocking the record writer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +22,12 @@ pub struct Maintained {
     pub failed: u32,
     /// Day partitions dropped for being past the retention period.
     pub dropped: u32,
+    /// Partitions' copies of their table's indexes built (see [`complete_log_indexes`]).
+    pub indexes_built: u32,
 }
+
+/// Lock id that keeps two sidecars from building the same index at once.
+const INDEX_BUILD_LOCK: i64 = 0x6d69_6c76_7569; // "milvui"
 
 /// Creates the partitions missing from yesterday to [`DAYS_AHEAD`] days ahead and drops
 /// the expired ones.
@@ -47,7 +54,89 @@ pub async fn run_once(pool: &Pool, retention_days: u32) -> anyhow::Result<Mainta
         .await?
         .get(0);
     done.dropped = dropped as u32;
+    // Last: a build may take minutes on a large day, and the days ahead must not wait for it.
+    match complete_log_indexes(&conn).await {
+        Ok(built) => done.indexes_built = built,
+        Err(e) => tracing::warn!(error = %crate::error_chain(&e),
+            "cannot look for log partitions' missing indexes; trying again in an hour"),
+    }
     Ok(done)
+}
+
+/// Builds, one at a time, the indexes log partitions lack, with CREATE INDEX CONCURRENTLY
+/// (writes go on meanwhile), and attaches each to its table's index, which PostgreSQL marks
+/// valid once every partition has its copy. Another sidecar already at it: nothing to do.
+/// Returns how many it built.
+async fn complete_log_indexes(conn: &tokio_postgres::Client) -> Result<u32, tokio_postgres::Error> {
+    let locked: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&INDEX_BUILD_LOCK]).await?.get(0);
+    if !locked {
+        return Ok(0);
+    }
+    let built = build_missing_indexes(conn).await;
+    // Session-level settings and lock: undone on this pooled connection whatever happened.
+    let undone =
+        conn.batch_execute(&format!("RESET statement_timeout; SELECT pg_advisory_unlock({INDEX_BUILD_LOCK})")).await;
+    let built = built?;
+    undone?;
+    Ok(built)
+}
+
+async fn build_missing_indexes(conn: &tokio_postgres::Client) -> Result<u32, tokio_postgres::Error> {
+    let missing = conn
+        .query(
+            "SELECT parent_index::text, log_partition::text, index_name, quote_ident(index_name), definition
+             FROM log_indexes_missing()",
+            &[],
+        )
+        .await?;
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    tracing::info!(
+        indexes = missing.len(),
+        "building the indexes log partitions lack, one at a time; reads of their days scan them until then"
+    );
+    // A statement_timeout set for the role would cancel the build of a large day every hour.
+    conn.batch_execute("SET statement_timeout = 0").await?;
+    let mut built = 0;
+    for row in &missing {
+        let (parent, partition, name, quoted, definition): (&str, &str, &str, &str, &str) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let started = std::time::Instant::now();
+        // One that fails (a lock not granted, a cancel) leaves the others to be built.
+        match build_index(conn, parent, partition, quoted, definition).await {
+            Ok(()) => {
+                built += 1;
+                tracing::info!(index = name, partition, took = ?started.elapsed(), "built a log partition's index");
+            }
+            Err(e) => tracing::warn!(index = name, partition, error = %crate::error_chain(&e),
+                "cannot build a log partition's index; reads of its day scan it until the next try"),
+        }
+    }
+    Ok(built)
+}
+
+/// Builds `partition`'s copy of `parent` and attaches it; see [`complete_log_indexes`].
+async fn build_index(
+    conn: &tokio_postgres::Client,
+    parent: &str,
+    partition: &str,
+    quoted: &str,
+    definition: &str,
+) -> Result<(), tokio_postgres::Error> {
+    // A build broken off (connection lost, cancelled) leaves an invalid index of this name
+    // behind; one that ended before its attach, a valid one.
+    let leftover: Option<bool> = conn
+        .query_opt("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", &[&quoted])
+        .await?
+        .map(|r| r.get(0));
+    if leftover == Some(false) {
+        conn.batch_execute(&format!("DROP INDEX CONCURRENTLY {quoted}")).await?;
+    }
+    if leftover != Some(true) {
+        conn.batch_execute(&format!("CREATE INDEX CONCURRENTLY {quoted} ON {partition} {definition}")).await?;
+    }
+    conn.batch_execute(&format!("ALTER INDEX {parent} ATTACH PARTITION {quoted}")).await
 }
 
 async fn ensure_partition(
@@ -72,8 +161,10 @@ pub fn spawn(pool: Pool, settings: Arc<Settings>) -> tokio::task::JoinHandle<()>
         loop {
             every.tick().await;
             match run_once(&pool, settings.retention_days()).await {
-                Ok(Maintained { created, failed, dropped }) if created + failed + dropped > 0 => {
-                    tracing::info!(created, failed, dropped, "log partitions maintained")
+                Ok(Maintained { created, failed, dropped, indexes_built })
+                    if created + failed + dropped + indexes_built > 0 =>
+                {
+                    tracing::info!(created, failed, dropped, indexes_built, "log partitions maintained")
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "log partition maintenance failed; will retry in an hour"),
