@@ -15,7 +15,7 @@ use super::rows::Record;
 use super::spill::Spill;
 use super::{Queued, Stats};
 use crate::settings::Settings;
-use crate::store::logs::{Batch, Ids};
+use crate::store::logs::{Batch, BatchError, Ids};
 use crate::store::mirror::{Catalog, MirrorOp};
 use crate::store::{Pool, is_transient};
 
@@ -293,6 +293,7 @@ impl Writer {
             Failure::NoConnection => WriteError::Transient("no PostgreSQL connection within the pool timeout".into()),
             Failure::Db(e) if is_transient(&e) => WriteError::Transient(crate::error_chain(&e)),
             Failure::Db(e) => WriteError::Rejected(crate::error_chain(&e)),
+            Failure::Encode(reason) => WriteError::Rejected(reason),
         })
     }
 
@@ -364,6 +365,17 @@ fn timeout_ms(timeout: Duration) -> u128 {
 enum Failure {
     Db(tokio_postgres::Error),
     NoConnection,
+    /// A row holds a value PostgreSQL's binary form cannot.
+    Encode(String),
+}
+
+impl From<BatchError> for Failure {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::Db(e) => Failure::Db(e),
+            e @ BatchError::Encode { .. } => Failure::Encode(e.to_string()),
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for Failure {

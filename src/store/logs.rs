@@ -6,11 +6,10 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use bytes::{BufMut, BytesMut};
-use futures_util::pin_mut;
+use futures_util::{SinkExt, pin_mut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_postgres::Transaction;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use uuid::Uuid;
 
@@ -136,7 +135,7 @@ impl Batch<'_> {
     /// One COPY per table. A `replay` (rows that may be there already) takes two round
     /// trips more: one to make the staging tables, one to move every table's rows across,
     /// skipping those present. With `--durable-records` every call waits for this.
-    pub async fn write(&self, tx: &Transaction<'_>, replay: bool) -> Result<(), tokio_postgres::Error> {
+    pub async fn write(&self, tx: &Transaction<'_>, replay: bool) -> Result<(), BatchError> {
         let tables: Vec<&LogTable> = [
             (!self.perf.is_empty()).then_some(&PERFORMANCE_METRICS),
             (!self.query.is_empty()).then_some(&QUERY_LOGS),
@@ -265,7 +264,7 @@ impl Batch<'_> {
                 )
             })
             .collect();
-        tx.batch_execute(&moves).await
+        Ok(tx.batch_execute(&moves).await?)
     }
 }
 
@@ -369,24 +368,79 @@ impl LogTable {
 
 /// COPY `rows` into `table`, or into its temporary twin when `prefix` is `staging_`. A row
 /// is an array of references, not a `Vec`: one allocation less per row.
+///
+/// The rows are encoded first and go to PostgreSQL as one message. tokio-postgres's
+/// `BinaryCopyInWriter` sends a message each 4 KiB, each one its own socket write for the
+/// writer's thread to make and for PostgreSQL to wake up for; and a value that cannot be
+/// encoded now fails the batch before its COPY has begun.
 async fn copy<'a, const N: usize, I>(
     tx: &Transaction<'_>,
     prefix: &str,
     table: &LogTable,
     rows: I,
-) -> Result<(), tokio_postgres::Error>
+) -> Result<(), BatchError>
 where
     I: Iterator<Item = [&'a (dyn ToSql + Sync); N]>,
 {
-    debug_assert_eq!(N, table.columns.len(), "{}: one value per column", table.name);
+    let data = encode_binary_copy(table, rows)?.freeze();
     let columns = table.column_list();
-    let types: Vec<Type> = table.columns.iter().map(|(_, ty)| ty.clone()).collect();
     let sink = tx.copy_in(&format!("COPY {prefix}{} ({columns}) FROM STDIN (FORMAT binary)", table.name)).await?;
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    pin_mut!(writer);
-    for row in rows {
-        writer.as_mut().write(&row).await?;
-    }
-    writer.finish().await?;
+    pin_mut!(sink);
+    sink.as_mut().send(data).await?;
+    sink.finish().await?;
     Ok(())
+}
+
+/// PostgreSQL's binary COPY format: a header, each row as its field count then each value
+/// as its length (-1: NULL) and bytes, and a trailer.
+fn encode_binary_copy<'a, const N: usize>(
+    table: &LogTable,
+    rows: impl Iterator<Item = [&'a (dyn ToSql + Sync); N]>,
+) -> Result<BytesMut, BatchError> {
+    debug_assert_eq!(N, table.columns.len(), "{}: one value per column", table.name);
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    let mut buf = BytesMut::with_capacity(COPY_BUFFER_START);
+    buf.put_slice(SIGNATURE);
+    buf.put_i32(0); // flags
+    buf.put_i32(0); // header extension length
+    for row in rows {
+        buf.put_i16(N as i16);
+        for (value, (column, ty)) in row.iter().zip(table.columns) {
+            let at = buf.len();
+            buf.put_i32(0);
+            let encoded = value.to_sql_checked(ty, &mut buf).map_err(|e| BatchError::Encode {
+                table: table.name,
+                column,
+                reason: e.to_string(),
+            })?;
+            let len = match encoded {
+                IsNull::Yes => {
+                    buf.truncate(at + 4);
+                    -1
+                }
+                IsNull::No => i32::try_from(buf.len() - at - 4).map_err(|_| BatchError::Encode {
+                    table: table.name,
+                    column,
+                    reason: "value longer than 2 GiB".into(),
+                })?,
+            };
+            buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        }
+    }
+    buf.put_i16(-1);
+    Ok(buf)
+}
+
+/// What a batch starts its COPY buffer at: a flush interval's rows at a few thousand calls
+/// per second.
+const COPY_BUFFER_START: usize = 64 << 10;
+
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+    /// A value PostgreSQL's binary form cannot hold: the row is at fault, not PostgreSQL.
+    #[error("cannot encode {table}.{column}: {reason}")]
+    Encode { table: &'static str, column: &'static str, reason: String },
 }
