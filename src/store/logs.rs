@@ -399,7 +399,8 @@ fn encode_binary_copy<'a, const N: usize>(
 ) -> Result<BytesMut, BatchError> {
     debug_assert_eq!(N, table.columns.len(), "{}: one value per column", table.name);
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
-    let mut buf = BytesMut::with_capacity(COPY_BUFFER_START);
+    let header_and_trailer = SIGNATURE.len() + 4 + 4 + 2;
+    let mut buf = BytesMut::with_capacity(header_and_trailer + rows.size_hint().0 * N * COPY_BYTES_PER_VALUE);
     buf.put_slice(SIGNATURE);
     buf.put_i32(0); // flags
     buf.put_i32(0); // header extension length
@@ -431,9 +432,10 @@ fn encode_binary_copy<'a, const N: usize>(
     Ok(buf)
 }
 
-/// What a batch starts its COPY buffer at: a flush interval's rows at a few thousand calls
-/// per second.
-const COPY_BUFFER_START: usize = 64 << 10;
+/// What a log row's value takes in the COPY at most, about (its length included; a search's
+/// parameters are the longest): the buffer is sized for the rows at once rather than grown,
+/// and copied, as they are encoded.
+const COPY_BYTES_PER_VALUE: usize = 24;
 
 /// Why a batch was not written.
 #[derive(Debug, thiserror::Error)]

@@ -29,8 +29,8 @@ pub struct Maintained {
 /// Lock id that keeps two sidecars from building the same index at once.
 const INDEX_BUILD_LOCK: i64 = 0x6d69_6c76_7569; // "milvui"
 
-/// Creates the partitions missing from yesterday to [`DAYS_AHEAD`] days ahead and drops
-/// the expired ones.
+/// Creates the partitions missing from yesterday to [`DAYS_AHEAD`] days ahead, drops the
+/// expired ones, then builds the indexes partitions lack.
 pub async fn run_once(pool: &Pool, retention_days: u32) -> anyhow::Result<Maintained> {
     let mut conn = pool.get().await?;
     let tables: Vec<String> = conn.query_one("SELECT log_tables()", &[]).await?.get(0);
