@@ -288,7 +288,8 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
             "V1__schema",
             "V2__log_tables_without_foreign_keys",
             "V3__log_partitions_take_over_default_rows",
-            "V4__log_time_indexes_ascending"
+            "V4__log_time_indexes_ascending",
+            "V5__log_keys_lead_with_time"
         ]
     );
     assert!(milvus_sidecar::store::migrate::run(&mut client).await.unwrap().is_empty(), "re-running is a no-op");
@@ -611,7 +612,7 @@ async fn rows_in_a_default_partition_move_into_their_day_and_expire_with_it() {
     }
 
     let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
-    let expected = Maintained { created: 8, failed: 0, dropped: 0, indexes_built: 0 };
+    let expected = Maintained { created: 8, failed: 0, dropped: 0, indexes_built: 0, keys_swapped: 0 };
     assert_eq!(done, expected, "two days in each of the four tables");
 
     for ((table, column), before) in LOG_TABLES.into_iter().zip(before) {
@@ -644,7 +645,7 @@ async fn rows_in_a_default_partition_move_into_their_day_and_expire_with_it() {
         let indexes = "SELECT count(*) FROM pg_index WHERE indrelid = to_regclass($1)";
         let today_indexes: i64 = c.query_one(indexes, &[&today]).await.unwrap().get(0);
         let moved_indexes: i64 = c.query_one(indexes, &[&yesterday]).await.unwrap().get(0);
-        assert!(today_indexes >= 3, "{table}: {today_indexes} indexes");
+        assert!(today_indexes >= 2, "{table}: {today_indexes} indexes");
         assert_eq!(moved_indexes, today_indexes, "{table}");
         log_rows(&c, table, -1, 1).await;
         assert_eq!(rows_in(&c, table, &yesterday).await, 4, "{table}");
@@ -743,7 +744,7 @@ async fn upgrading_to_ascending_time_indexes_builds_the_days_with_rows_afterward
     }
     assert!(time_indexes(&c).await.iter().all(|(_, def, _)| def.contains(" DESC)")), "V3 indexes are descending");
 
-    let applied = milvus_sidecar::store::migrate::run(&mut client).await.unwrap();
+    let applied = milvus_sidecar::store::migrate::run_up_to(&mut client, 4).await.unwrap();
     assert_eq!(applied, ["V4__log_time_indexes_ascending"]);
     let indexes = time_indexes(&c).await;
     assert_eq!(indexes.len(), 11, "{indexes:?}");
@@ -798,6 +799,141 @@ async fn upgrading_to_ascending_time_indexes_builds_the_days_with_rows_afterward
     assert!(plan.iter().any(|line| line.contains("Index Scan Backward")), "{plan:#?}");
     let again = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
     assert_eq!(again.indexes_built, 0, "nothing left to build");
+}
+
+/// Each log table's primary key: its columns, in order.
+async fn primary_keys(c: &tokio_postgres::Client) -> Vec<(String, String)> {
+    c.query(
+        "SELECT t.relname::text, string_agg(a.attname, ', ' ORDER BY k.n)
+         FROM pg_index i
+         JOIN pg_class t ON t.oid = i.indrelid
+         CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+         JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum
+         WHERE t.relname = ANY(log_tables()) AND i.indisprimary
+         GROUP BY t.relname ORDER BY t.relname",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// The names of the log tables' own indexes (not their partitions').
+async fn log_table_indexes(c: &tokio_postgres::Client) -> Vec<String> {
+    c.query(
+        "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid
+         WHERE t.relname = ANY(log_tables()) ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn log_keys_lead_with_time_at_once_when_new_and_after_maintenance_when_upgraded() {
+    let time_first: Vec<(String, String)> = {
+        let mut keys: Vec<_> = LOG_TABLES.iter().map(|(t, col)| (t.to_string(), format!("{col}, id"))).collect();
+        keys.sort();
+        keys
+    };
+    let without_time_indexes = [
+        "audit_logs_action",
+        "audit_logs_pkey",
+        "audit_logs_user",
+        "ingestion_logs_collection",
+        "ingestion_logs_pkey",
+        "performance_metrics_collection",
+        "performance_metrics_pkey",
+        "query_logs_collection",
+        "query_logs_pkey",
+        "query_logs_user",
+    ];
+    // A new database: swapped by the migration itself.
+    let (_fresh, c, _) = migrated().await;
+    assert_eq!(primary_keys(&c).await, time_first);
+    assert_eq!(log_table_indexes(&c).await, without_time_indexes);
+
+    // A deployment at V4 with rows today, yesterday and in DEFAULT.
+    let db = TestDb::create().await;
+    let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
+    let mut client = db.client().await;
+    milvus_sidecar::store::migrate::run_up_to(&mut client, 4).await.unwrap();
+    let c = db.client().await;
+    for (table, _) in LOG_TABLES {
+        drop_partition(&c, table, 5).await;
+        for (day, n) in [(0, 50), (-1, 20), (5, 3)] {
+            log_rows(&c, table, day, n).await;
+        }
+    }
+    let mut before = Vec::new();
+    for (table, column) in LOG_TABLES {
+        before.push(log_ids(&c, table, column).await);
+    }
+
+    let applied = milvus_sidecar::store::migrate::run(&mut client).await.unwrap();
+    assert_eq!(applied, ["V5__log_keys_lead_with_time"]);
+    // Tables with rows keep their key and time index until maintenance has built the new
+    // key's index on the partitions that hold rows; the operation index went at once.
+    for (table, key) in primary_keys(&c).await {
+        assert!(key.starts_with("id, "), "{table}: {key}");
+    }
+    let indexes = log_table_indexes(&c).await;
+    assert!(indexes.contains(&"query_logs_time".to_string()), "{indexes:?}");
+    assert!(!indexes.contains(&"performance_metrics_operation".to_string()), "{indexes:?}");
+
+    let pool = milvus_sidecar::store::pool(config, 1);
+    let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    // Today, yesterday and day 5 (created first, its rows taken from DEFAULT) in each of
+    // the four tables; the empty partitions get theirs inside the swap.
+    assert_eq!((done.indexes_built, done.keys_swapped), (12, 4), "{done:?}");
+    assert_eq!(primary_keys(&c).await, time_first);
+    assert_eq!(log_table_indexes(&c).await, without_time_indexes);
+    let per_table = |table: &str| match table {
+        "audit_logs" | "query_logs" => 3,
+        _ => 2,
+    };
+    for (table, _) in LOG_TABLES {
+        for day in [-1, 0, 1] {
+            let relation = partition(&c, table, day).await;
+            assert_eq!(copies_on(&c, &relation).await, per_table(table), "{relation}: every index of its table");
+        }
+        let default = format!("{table}_default");
+        assert_eq!(copies_on(&c, &default).await, per_table(table), "{default}");
+    }
+    for ((table, column), before) in LOG_TABLES.into_iter().zip(before) {
+        assert_eq!(log_ids(&c, table, column).await, before, "{table}: every row kept");
+    }
+    // The key still refuses a row twice (what replays of the spill file rely on)...
+    let dup = c
+        .execute(
+            "INSERT INTO query_logs (id, executed_at, query_type, duration_ms, success)
+             SELECT id, executed_at, query_type, duration_ms, success FROM query_logs LIMIT 1
+             ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dup, 0);
+    // ...and serves newest-first reads as the time index did.
+    c.batch_execute("SET enable_seqscan = off").await.unwrap();
+    let plan: Vec<String> = c
+        .query(
+            "EXPLAIN SELECT id FROM query_logs WHERE executed_at >= current_date ORDER BY executed_at DESC LIMIT 5",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|line| line.contains("Scan Backward using") && line.contains("_pkey")), "{plan:#?}");
+    let again = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
+    assert_eq!(again, Maintained::default(), "nothing left to do");
 }
 
 /// Waits (up to 5 s) until `done` holds, for a setting that arrives by NOTIFY.
