@@ -233,8 +233,8 @@ async fn build_concurrently(
     quoted: &str,
     create: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    // A build broken off (connection lost, cancelled, duplicates for a unique one) leaves an
-    // invalid index of this name behind; one that ended before what follows it, a valid one.
+    // A build broken off (connection lost, cancelled) leaves an invalid index of this name
+    // behind; one that ended before what follows it (an attach, a key swap), a valid one.
     let leftover: Option<bool> = conn
         .query_opt("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", &[&quoted])
         .await?
