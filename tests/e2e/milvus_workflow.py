@@ -156,12 +156,20 @@ def run_workflow(uri: str, token: str | None = None, on_step: StepHook | None = 
     quick_rows = [{"id": i, "vector": v, "note": f"dynamic-{i}"} for i, v in enumerate(vectors(rng, 20))]
 
     auth = {"token": token} if token else {}
-    # A channel of its own: pymilvus otherwise reuses the one an earlier test left open to the
-    # same address, whose idle keepalive pings milvus-lite may have answered with a GOAWAY
-    # (too_many_pings), failing this connect (seen once in CI).
+    # A connection of its own: pymilvus otherwise reuses the channel an earlier test left open
+    # to the same address, and grpcio, even for a new channel (dedicated), the connection
+    # under it from its process-wide pool. milvus-lite may have answered that connection's
+    # idle keepalive pings with a GOAWAY (too_many_pings), failing this connect (seen twice
+    # in CI, the second time with dedicated=True alone).
     client = step(
         "connect",
-        lambda: MilvusClient(uri=uri, timeout=60, dedicated=True, **auth),
+        lambda: MilvusClient(
+            uri=uri,
+            timeout=60,
+            dedicated=True,
+            grpc_options={"grpc.use_local_subchannel_pool": 1},
+            **auth,
+        ),
         lambda c: {"server_type": c.get_server_type()},
     )
     if client is None:
