@@ -728,20 +728,45 @@ async fn copies_on(c: &tokio_postgres::Client, relation: &str) -> i64 {
     .get(0)
 }
 
-#[tokio::test]
-async fn upgrading_to_ascending_time_indexes_builds_the_days_with_rows_afterwards() {
+/// A deployment at migration `version` with rows today, yesterday and on day 5, whose
+/// partition is dropped so they wait in DEFAULT: the database, the connection that migrated
+/// it, another, and a pool for maintenance.
+async fn deployed_at(
+    version: i32,
+) -> (TestDb, tokio_postgres::Client, tokio_postgres::Client, milvus_sidecar::store::Pool) {
     let db = TestDb::create().await;
     let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
     let mut client = db.client().await;
-    milvus_sidecar::store::migrate::run_up_to(&mut client, 3).await.unwrap();
+    milvus_sidecar::store::migrate::run_up_to(&mut client, version).await.unwrap();
     let c = db.client().await;
-    // A deployment at V3 with rows today, yesterday and in DEFAULT (a day with no partition).
     for (table, _) in LOG_TABLES {
         drop_partition(&c, table, 5).await;
         for (day, n) in [(0, 50), (-1, 20), (5, 3)] {
             log_rows(&c, table, day, n).await;
         }
     }
+    (db, client, c, milvus_sidecar::store::pool(config, 1))
+}
+
+/// The plan of a newest-first read of today's query_logs, sequential scans ruled out (these
+/// tables are too small for the planner to prefer an index otherwise).
+async fn newest_first_plan(c: &tokio_postgres::Client) -> Vec<String> {
+    c.batch_execute("SET enable_seqscan = off").await.unwrap();
+    c.query(
+        "EXPLAIN SELECT id FROM query_logs WHERE executed_at >= current_date ORDER BY executed_at DESC LIMIT 5",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn upgrading_to_ascending_time_indexes_builds_the_days_with_rows_afterwards() {
+    // A deployment at V3 with rows today, yesterday and in DEFAULT (a day with no partition).
+    let (_db, mut client, c, pool) = deployed_at(3).await;
     assert!(time_indexes(&c).await.iter().all(|(_, def, _)| def.contains(" DESC)")), "V3 indexes are descending");
 
     let applied = milvus_sidecar::store::migrate::run_up_to(&mut client, 4).await.unwrap();
@@ -766,7 +791,6 @@ async fn upgrading_to_ascending_time_indexes_builds_the_days_with_rows_afterward
     let unique = format!("CREATE UNIQUE INDEX CONCURRENTLY \"{today}_time\" ON \"{today}\" (executed_at)");
     assert!(c.batch_execute(&unique).await.is_err(), "50 rows share one time");
 
-    let pool = milvus_sidecar::store::pool(config, 1);
     let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
     // Today, yesterday and DEFAULT in each table: 3 x (3 + 3 + 3 + 2) copies.
     assert_eq!(done.indexes_built, 33, "{done:?}");
@@ -785,17 +809,7 @@ async fn upgrading_to_ascending_time_indexes_builds_the_days_with_rows_afterward
         .get(0);
     assert!(!unique, "the invalid leftover was dropped and the right index built in its place");
     // Newest first, as the CLI and dashboards read them, from the ascending index.
-    c.batch_execute("SET enable_seqscan = off").await.unwrap();
-    let plan: Vec<String> = c
-        .query(
-            "EXPLAIN SELECT id FROM query_logs WHERE executed_at >= current_date ORDER BY executed_at DESC LIMIT 5",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let plan = newest_first_plan(&c).await;
     assert!(plan.iter().any(|line| line.contains("Index Scan Backward")), "{plan:#?}");
     let again = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
     assert_eq!(again.indexes_built, 0, "nothing left to build");
@@ -859,17 +873,7 @@ async fn log_keys_lead_with_time_at_once_when_new_and_after_maintenance_when_upg
     assert_eq!(log_table_indexes(&c).await, without_time_indexes);
 
     // A deployment at V4 with rows today, yesterday and in DEFAULT.
-    let db = TestDb::create().await;
-    let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
-    let mut client = db.client().await;
-    milvus_sidecar::store::migrate::run_up_to(&mut client, 4).await.unwrap();
-    let c = db.client().await;
-    for (table, _) in LOG_TABLES {
-        drop_partition(&c, table, 5).await;
-        for (day, n) in [(0, 50), (-1, 20), (5, 3)] {
-            log_rows(&c, table, day, n).await;
-        }
-    }
+    let (_db, mut client, c, pool) = deployed_at(4).await;
     let mut before = Vec::new();
     for (table, column) in LOG_TABLES {
         before.push(log_ids(&c, table, column).await);
@@ -886,7 +890,6 @@ async fn log_keys_lead_with_time_at_once_when_new_and_after_maintenance_when_upg
     assert!(indexes.contains(&"query_logs_time".to_string()), "{indexes:?}");
     assert!(!indexes.contains(&"performance_metrics_operation".to_string()), "{indexes:?}");
 
-    let pool = milvus_sidecar::store::pool(config, 1);
     let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
     // Today, yesterday and day 5 (created first, its rows taken from DEFAULT) in each of
     // the four tables; the empty partitions get theirs inside the swap.
@@ -920,17 +923,7 @@ async fn log_keys_lead_with_time_at_once_when_new_and_after_maintenance_when_upg
         .unwrap();
     assert_eq!(dup, 0);
     // ...and serves newest-first reads as the time index did.
-    c.batch_execute("SET enable_seqscan = off").await.unwrap();
-    let plan: Vec<String> = c
-        .query(
-            "EXPLAIN SELECT id FROM query_logs WHERE executed_at >= current_date ORDER BY executed_at DESC LIMIT 5",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let plan = newest_first_plan(&c).await;
     assert!(plan.iter().any(|line| line.contains("Scan Backward using") && line.contains("_pkey")), "{plan:#?}");
     let again = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
     assert_eq!(again, Maintained::default(), "nothing left to do");
