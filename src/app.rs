@@ -72,7 +72,9 @@ impl App {
             // mirror; in the background, so serving never waits on it.
             background.push(crate::sync::spawn(&config, pg.clone()));
             background.push(system_config::watch(pg.clone(), settings.clone()));
-            background.push(maintenance::spawn(pool.clone(), settings.clone()));
+            let maintained = Arc::new(maintenance::MaintenanceStats::default());
+            background.push(maintenance::spawn(pool.clone(), settings.clone(), maintained.clone()));
+            sources.maintenance = Some(maintained);
             sources.pool = Some(pool.clone());
             let recording = Recording::start(pg, settings.clone(), &config.recording)
                 .await

@@ -10,7 +10,7 @@ use common::bin::Process;
 use common::fake::FakeUpstream;
 use common::pg::TestDb;
 use common::relay::Relay;
-use common::{RawClient, encode, http_get};
+use common::{RawClient, encode, http_get, sample};
 use milvus::proto::common::Status as MilvusStatus;
 use milvus::proto::milvus::{
     CreateCollectionRequest, CreateIndexRequest, DescribeIndexRequest, DescribeIndexResponse, DropIndexRequest,
@@ -500,12 +500,6 @@ async fn at_least(admin: std::net::SocketAddr, series: &str, value: f64) -> f64 
         assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, waiting for {value}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The value of one sample in a Prometheus text scrape (`name{labels}` exactly as
-/// exposed), 0 when the series does not exist yet.
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
 }
 
 #[tokio::test]

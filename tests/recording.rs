@@ -656,6 +656,48 @@ async fn rows_in_a_default_partition_move_into_their_day_and_expire_with_it() {
 }
 
 #[tokio::test]
+async fn maintenance_rounds_show_in_the_metrics() {
+    let (db, c, _pool) = migrated().await;
+    // What the sidecar's first round finds to do: tomorrow missing from every log table, and
+    // one table with a day long past retention.
+    for (table, _) in LOG_TABLES {
+        drop_partition(&c, table, 1).await;
+    }
+    c.execute("SELECT ensure_log_partition('query_logs', current_date - 400)", &[]).await.unwrap();
+    let upstream = FakeUpstream::start().await;
+    let started = unix_now();
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+
+    let admin = app.running.admin_addr;
+    let ok = r#"milvus_sidecar_log_maintenance_runs_total{result="ok"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let scrape = loop {
+        let (code, scrape) = common::http_get(admin, "/metrics").await;
+        assert_eq!(code, 200);
+        if common::sample(&scrape, ok) >= 1.0 {
+            break scrape;
+        }
+        assert!(std::time::Instant::now() < deadline, "no completed maintenance round:\n{scrape}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let action = |name: &str| {
+        common::sample(&scrape, &format!(r#"milvus_sidecar_log_maintenance_actions_total{{action="{name}"}}"#))
+    };
+    assert_eq!(common::sample(&scrape, ok), 1.0, "one round at start, the next in an hour");
+    assert_eq!(common::sample(&scrape, r#"milvus_sidecar_log_maintenance_runs_total{result="failed"}"#), 0.0);
+    assert_eq!(action("partition_created"), LOG_TABLES.len() as f64, "tomorrow, in each table");
+    assert_eq!(action("partition_dropped"), 1.0, "the day past retention");
+    assert_eq!(action("partition_failed"), 0.0);
+    let last = common::sample(&scrape, "milvus_sidecar_log_maintenance_last_success_timestamp_seconds");
+    assert!((started as f64..=unix_now() as f64).contains(&last), "{started} <= {last} <= now");
+    app.shutdown().await;
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[tokio::test]
 async fn a_day_that_cannot_be_created_does_not_stop_the_others() {
     let (_db, c, pool) = migrated().await;
     for (table, _) in LOG_TABLES {

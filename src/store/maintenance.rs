@@ -7,7 +7,8 @@
 //! once its partitions have theirs.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use super::Pool;
 use crate::settings::Settings;
@@ -28,6 +29,42 @@ pub struct Maintained {
     pub indexes_built: u32,
     /// Log tables whose primary key became (time, id) (see [`swap_log_keys`]).
     pub keys_swapped: u32,
+}
+
+/// What maintenance has done since the sidecar started, read by the metrics at scrape time.
+#[derive(Debug, Default)]
+pub struct MaintenanceStats {
+    pub runs_ok: AtomicU64,
+    /// Rounds that stopped early (PostgreSQL away, a statement refused).
+    pub runs_failed: AtomicU64,
+    /// Unix time in seconds of the last round that completed; 0 before the first.
+    pub last_success: AtomicU64,
+    pub partitions_created: AtomicU64,
+    pub partitions_failed: AtomicU64,
+    pub partitions_dropped: AtomicU64,
+    pub indexes_built: AtomicU64,
+    pub keys_swapped: AtomicU64,
+}
+
+impl MaintenanceStats {
+    fn count(&self, round: &anyhow::Result<Maintained>) {
+        let Ok(done) = round else {
+            self.runs_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        for (counter, n) in [
+            (&self.partitions_created, done.created),
+            (&self.partitions_failed, done.failed),
+            (&self.partitions_dropped, done.dropped),
+            (&self.indexes_built, done.indexes_built),
+            (&self.keys_swapped, done.keys_swapped),
+        ] {
+            counter.fetch_add(u64::from(n), Ordering::Relaxed);
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.last_success.store(now.as_secs(), Ordering::Relaxed);
+        self.runs_ok.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Times one round of maintenance goes back to a log table whose key swap found a partition
@@ -263,13 +300,16 @@ async fn ensure_partition(
     Ok(created)
 }
 
-/// Runs the maintenance now and then every hour, for as long as the sidecar runs.
-pub fn spawn(pool: Pool, settings: Arc<Settings>) -> tokio::task::JoinHandle<()> {
+/// Runs the maintenance now and then every hour, for as long as the sidecar runs, counting
+/// each round in `stats`.
+pub fn spawn(pool: Pool, settings: Arc<Settings>, stats: Arc<MaintenanceStats>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(3600));
         loop {
             every.tick().await;
-            match run_once(&pool, settings.retention_days()).await {
+            let round = run_once(&pool, settings.retention_days()).await;
+            stats.count(&round);
+            match round {
                 Ok(Maintained { created, failed, dropped, indexes_built, keys_swapped })
                     if created + failed + dropped + indexes_built + keys_swapped > 0 =>
                 {

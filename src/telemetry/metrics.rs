@@ -20,6 +20,7 @@ use crate::milvus::access;
 use crate::proxy::Upstream;
 use crate::record::{PgRecorder, Stats};
 use crate::store::Pool;
+use crate::store::maintenance::MaintenanceStats;
 
 /// How a call ended, as the `outcome` label says it.
 #[derive(Clone, Copy)]
@@ -59,6 +60,7 @@ pub struct Sources {
     pub recording: Option<(Arc<Stats>, Arc<PgRecorder>)>,
     pub pool: Option<Pool>,
     pub auth: Option<Arc<Authority>>,
+    pub maintenance: Option<Arc<MaintenanceStats>>,
 }
 
 pub struct Metrics {
@@ -90,6 +92,9 @@ struct Pulled {
     pool_connections: IntGaugeVec,
     postgres_up: IntGauge,
     upstream_up: IntGauge,
+    maintenance_runs: IntCounterVec,
+    maintenance_last_success: IntGauge,
+    maintenance_actions: IntCounterVec,
 }
 
 /// Latency buckets from 20 µs to 10 s: the sidecar's own time sits at the low end,
@@ -151,6 +156,9 @@ impl Metrics {
             Box::new(pulled.pool_connections.clone()),
             Box::new(pulled.postgres_up.clone()),
             Box::new(pulled.upstream_up.clone()),
+            Box::new(pulled.maintenance_runs.clone()),
+            Box::new(pulled.maintenance_last_success.clone()),
+            Box::new(pulled.maintenance_actions.clone()),
         ];
         for collector in collectors {
             registry.register(collector).expect("metric names are unique");
@@ -271,6 +279,21 @@ impl Metrics {
                 set_counter(&p.auth_changes.with_label_values(&[table]), counter.load(Ordering::Relaxed));
             }
         }
+        if let Some(m) = &sources.maintenance {
+            for (result, counter) in [("ok", &m.runs_ok), ("failed", &m.runs_failed)] {
+                set_counter(&p.maintenance_runs.with_label_values(&[result]), counter.load(Ordering::Relaxed));
+            }
+            p.maintenance_last_success.set(m.last_success.load(Ordering::Relaxed) as i64);
+            for (action, counter) in [
+                ("partition_created", &m.partitions_created),
+                ("partition_failed", &m.partitions_failed),
+                ("partition_dropped", &m.partitions_dropped),
+                ("index_built", &m.indexes_built),
+                ("key_swapped", &m.keys_swapped),
+            ] {
+                set_counter(&p.maintenance_actions.with_label_values(&[action]), counter.load(Ordering::Relaxed));
+            }
+        }
         if let Some(pool) = &sources.pool {
             let state = pool.state();
             let idle = i64::from(state.idle_connections);
@@ -344,6 +367,26 @@ impl Pulled {
             .expect("valid metric"),
             postgres_up: gauge("milvus_sidecar_postgres_up", "Whether PostgreSQL answered at the last scrape"),
             upstream_up: gauge("milvus_sidecar_upstream_up", "Whether the last call reached the upstream Milvus"),
+            maintenance_runs: IntCounterVec::new(
+                Opts::new(
+                    "milvus_sidecar_log_maintenance_runs_total",
+                    "Rounds of log partition maintenance (at start, then hourly), by whether they completed",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            maintenance_last_success: gauge(
+                "milvus_sidecar_log_maintenance_last_success_timestamp_seconds",
+                "Unix time of the last completed round of log partition maintenance (0: none yet)",
+            ),
+            maintenance_actions: IntCounterVec::new(
+                Opts::new(
+                    "milvus_sidecar_log_maintenance_actions_total",
+                    "What log partition maintenance did: partitions created, failed to create, dropped; indexes built; keys swapped",
+                ),
+                &["action"],
+            )
+            .expect("valid metric"),
         }
     }
 }

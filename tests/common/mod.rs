@@ -269,6 +269,12 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// The value of one sample in a Prometheus text scrape (`name{labels}` exactly as
+/// exposed), 0 when the series does not exist yet.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
 /// A sidecar in front of `upstream` that records into `database_url` (migrated at
 /// start-up) and spills to `spill_dir`; otherwise as `Config::local` leaves it.
 pub fn recording_config(upstream: SocketAddr, database_url: &str, spill_dir: &std::path::Path) -> Config {
