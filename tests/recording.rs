@@ -1092,6 +1092,35 @@ async fn audit_settings_extend_stop_and_resume_the_audit_while_running() {
 }
 
 #[tokio::test]
+async fn a_schema_newer_than_the_build_is_refused_with_what_to_do() {
+    // What a rollback meets: a newer build has applied a migration this one does not have.
+    let (db, c, _pool) = migrated().await;
+    c.execute(
+        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
+         VALUES (9999, 'from_a_newer_build', now()::text, '0')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let history = "SELECT count(*) FROM refinery_schema_history";
+    let rows = db.count(history).await;
+    let upstream = FakeUpstream::start().await;
+    let spill = tempdir::Dir::new();
+    let config = common::recording_config(upstream.addr, &db.url(), &spill.path);
+
+    let refused = App::start(config).await.err().expect("a schema newer than the build is refused");
+    let message = format!("{refused:#}");
+    for part in ["V9999 (from_a_newer_build)", "newer than this build", "--skip-migrations"] {
+        assert!(message.contains(part), "{part:?} missing from: {message}");
+    }
+    assert_eq!(db.count(history).await, rows, "nothing applied");
+
+    // The way out the message names: this build runs on that schema without migrating.
+    let (app, _) = start_app_with(upstream.addr, db.url(), |c| c.recording.skip_migrations = true).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn skip_migrations_leaves_an_empty_database_untouched() {
     let db = TestDb::create().await;
     let upstream = fake_milvus().await;

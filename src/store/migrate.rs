@@ -24,8 +24,38 @@ pub async fn run_up_to(client: &mut Client, version: i32) -> anyhow::Result<Vec<
 
 async fn run_to(client: &mut Client, target: Target) -> anyhow::Result<Vec<String>> {
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
-    let result = embedded::migrations::runner().set_target(target).run_async(client).await;
+    let result = match refuse_newer_schema(client).await {
+        Ok(()) => embedded::migrations::runner().set_target(target).run_async(client).await.context("migration failed"),
+        Err(e) => Err(e),
+    };
     client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
-    let report = result.context("migration failed")?;
-    Ok(report.applied_migrations().iter().map(|m| m.to_string()).collect())
+    Ok(result?.applied_migrations().iter().map(|m| m.to_string()).collect())
+}
+
+/// A database a newer build has migrated (this one is a rollback, or an old replica that
+/// restarted during an upgrade): refinery would only call the newer migration "missing
+/// from the filesystem". Says what happened and what the operator can do instead.
+async fn refuse_newer_schema(client: &Client) -> anyhow::Result<()> {
+    let has_history: bool =
+        client.query_one("SELECT to_regclass('refinery_schema_history') IS NOT NULL", &[]).await?.get(0);
+    if !has_history {
+        return Ok(());
+    }
+    let Some(newest) = client
+        .query_opt("SELECT version, name FROM refinery_schema_history ORDER BY version DESC LIMIT 1", &[])
+        .await?
+    else {
+        return Ok(());
+    };
+    let (version, name): (i32, String) = (newest.get(0), newest.get(1));
+    let runner = embedded::migrations::runner();
+    let known = runner.get_migrations().iter().map(|m| m.version()).max().unwrap_or(0);
+    if version > known {
+        anyhow::bail!(
+            "the database schema is at V{version} ({name}), newer than this build of milvus-sidecar knows \
+             (up to V{known}): a newer build migrated it. Run a build that knows V{version}; or, where this \
+             build is known to work with that schema (rolling back), start it with --skip-migrations"
+        );
+    }
+    Ok(())
 }
