@@ -36,6 +36,9 @@ EXPORTED_METRICS = {
     "milvus_sidecar_postgres_pool_connections",
     "milvus_sidecar_postgres_up",
     "milvus_sidecar_upstream_up",
+    "milvus_sidecar_log_maintenance_runs_total",
+    "milvus_sidecar_log_maintenance_last_success_timestamp_seconds",
+    "milvus_sidecar_log_maintenance_actions_total",
 }
 HISTOGRAMS = {"milvus_sidecar_overhead_seconds", "milvus_sidecar_upstream_seconds", "milvus_sidecar_recording_batch_rows"}
 
