@@ -25,6 +25,10 @@
 //! - `--rounds N` / `BENCH_ROUNDS` (3): runs per target and scenario.
 //! - `--connections N` / `BENCH_CONNECTIONS` (1): HTTP/2 connections the load is spread over.
 //! - `--scenarios LIST` / `BENCH_SCENARIOS` (`search-c1,search-c32,insert-64k,insert-4m,lite`).
+//!   Besides those: `search-c<N>` (the Search at concurrency N) and `insert-<size>[-c<N>]` (an
+//!   Insert of about `<size>` bytes, a number with `k` or `m`, at concurrency N, 4 if not
+//!   given), e.g. `search-c8,insert-1m-c16`. The issue's targets are judged on the four
+//!   default names only.
 //! - `--targets LIST` / `BENCH_TARGETS` (`direct,sidecar,sidecar-norec,nginx`).
 //! - `--writer-calls N` / `BENCH_WRITER_CALLS` (100000): Search records in the writer's backlog
 //!   (2 rows each); 0 skips that measurement.
@@ -227,12 +231,18 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
 
     let mut results = Vec::new();
     for key in &config.scenarios {
-        let (name, workload, concurrency) = match key.as_str() {
-            "search-c1" => ("Search 3 KiB, concurrency 1", load::search(COLLECTION, &["title", "category"]), 1),
-            "search-c32" => ("Search 3 KiB, concurrency 32", load::search(COLLECTION, &["title", "category"]), 32),
-            "insert-64k" => ("Insert 64 KiB, concurrency 4", load::insert(COLLECTION, 64 << 10, 0), 4),
-            "insert-4m" => ("Insert 4 MiB, concurrency 4", load::insert(COLLECTION, 4 << 20, 0), 4),
-            _ => continue,
+        let (name, workload, concurrency) = match Scenario::parse(key) {
+            Some(Scenario::Search { concurrency }) => (
+                format!("Search 3 KiB, concurrency {concurrency}"),
+                load::search(COLLECTION, &["title", "category"]),
+                concurrency,
+            ),
+            Some(Scenario::Insert { bytes, concurrency }) => (
+                format!("Insert {}, concurrency {concurrency}", size_name(bytes)),
+                load::insert(COLLECTION, bytes, 0),
+                concurrency,
+            ),
+            Some(Scenario::Lite) | None => continue,
         };
         let rows = if workload.rows > 0 { format!(", {} rows", workload.rows) } else { String::new() };
         let name = format!("{name} (fake upstream, {} B request{rows})", workload.payload.len());
@@ -677,6 +687,48 @@ fn verdicts(
     out
 }
 
+/// What a scenario name asks for (see the flags at the top).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Search { concurrency: usize },
+    Insert { bytes: usize, concurrency: usize },
+    Lite,
+}
+
+impl Scenario {
+    fn parse(name: &str) -> Option<Scenario> {
+        let count = |n: &str| n.parse::<usize>().ok().filter(|&n| n >= 1);
+        if name == "lite" {
+            return Some(Scenario::Lite);
+        }
+        if let Some(c) = name.strip_prefix("search-c") {
+            return Some(Scenario::Search { concurrency: count(c)? });
+        }
+        let rest = name.strip_prefix("insert-")?;
+        let (size, concurrency) = match rest.split_once("-c") {
+            Some((size, c)) => (size, count(c)?),
+            None => (rest, 4),
+        };
+        let (number, unit) = match (size.strip_suffix('k'), size.strip_suffix('m')) {
+            (Some(n), _) => (n, 1 << 10),
+            (_, Some(n)) => (n, 1 << 20),
+            _ => return None,
+        };
+        // Up to 256 MiB, the largest message the sidecar accepts by default.
+        let bytes = count(number)?.checked_mul(unit).filter(|&b| b <= 256 << 20)?;
+        Some(Scenario::Insert { bytes, concurrency })
+    }
+}
+
+/// `bytes` as the scenario tables name it: 64 KiB, 4 MiB.
+fn size_name(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
+
 struct Config {
     measure: Duration,
     warmup: Duration,
@@ -731,7 +783,11 @@ impl Config {
         };
         let scenarios = list("scenarios", "BENCH_SCENARIOS", SCENARIOS);
         for s in &scenarios {
-            ensure!(SCENARIOS.split(',').any(|known| known == s), "unknown scenario {s:?}: pick from {SCENARIOS}");
+            ensure!(
+                Scenario::parse(s).is_some(),
+                "unknown scenario {s:?}: pick from {SCENARIOS}, or search-c<N>, insert-<size>[-c<N>] \
+                 (size a number with k or m, e.g. insert-1m-c16)"
+            );
         }
         let targets = list("targets", "BENCH_TARGETS", "direct,sidecar,sidecar-norec,nginx")
             .iter()
