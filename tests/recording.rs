@@ -1116,7 +1116,7 @@ async fn a_schema_newer_than_the_build_is_refused_with_what_to_do() {
     assert_eq!(db.count(history).await, rows, "nothing applied");
 
     // The way out the message names: this build runs on that schema without migrating.
-    let (app, _) = start_app_with(upstream.addr, db.url(), |c| c.recording.skip_migrations = true).await;
+    let (app, _spill) = start_app_with(upstream.addr, db.url(), |c| c.recording.skip_migrations = true).await;
     app.shutdown().await;
 }
 
