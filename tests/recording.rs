@@ -37,6 +37,11 @@ async fn start_app_with(
     (App::start(config).await.expect("sidecar with recording starts"), spill)
 }
 
+/// The first column of every row `sql` returns, as text.
+async fn texts(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
 /// A tiny temporary directory, removed on drop.
 mod tempdir {
     pub struct Dir {
@@ -156,13 +161,7 @@ async fn every_call_leaves_its_rows_and_the_mirror_follows() {
     assert_eq!(row.get::<_, String>(0), "insert");
     assert_eq!((row.get::<_, Option<i64>>(1), row.get::<_, Option<i64>>(2)), (Some(10), Some(10)));
     assert!(row.get::<_, Option<i64>>(3).unwrap() > 0);
-    let actions: Vec<String> = c
-        .query("SELECT action FROM audit_logs ORDER BY occurred_at", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let actions = texts(&c, "SELECT action FROM audit_logs ORDER BY occurred_at").await;
     assert_eq!(actions, vec!["create_collection", "insert"], "state changes are audited, reads are not");
     // The jsonb columns, compared as jsonb (key order and spacing aside).
     for (sql, want) in [
@@ -293,15 +292,7 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
         ]
     );
     assert!(milvus_sidecar::store::migrate::run(&mut client).await.unwrap().is_empty(), "re-running is a no-op");
-    let keys: Vec<String> = db
-        .client()
-        .await
-        .query("SELECT config_key FROM system_config ORDER BY config_key", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let keys = texts(&db.client().await, "SELECT config_key FROM system_config ORDER BY config_key").await;
     // The seed's six, the switch that extends the audit to every call, and who may create.
     assert_eq!(
         keys,
@@ -794,15 +785,8 @@ async fn deployed_at(
 /// tables are too small for the planner to prefer an index otherwise).
 async fn newest_first_plan(c: &tokio_postgres::Client) -> Vec<String> {
     c.batch_execute("SET enable_seqscan = off").await.unwrap();
-    c.query(
-        "EXPLAIN SELECT id FROM query_logs WHERE executed_at >= current_date ORDER BY executed_at DESC LIMIT 5",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
+    texts(c, "EXPLAIN SELECT id FROM query_logs WHERE executed_at >= current_date ORDER BY executed_at DESC LIMIT 5")
+        .await
 }
 
 #[tokio::test]
@@ -878,16 +862,12 @@ async fn primary_keys(c: &tokio_postgres::Client) -> Vec<(String, String)> {
 
 /// The names of the log tables' own indexes (not their partitions').
 async fn log_table_indexes(c: &tokio_postgres::Client) -> Vec<String> {
-    c.query(
+    texts(
+        c,
         "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid
          WHERE t.relname = ANY(log_tables()) ORDER BY 1",
-        &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 #[tokio::test]
@@ -1081,13 +1061,7 @@ async fn audit_settings_extend_stop_and_resume_the_audit_while_running() {
     assert_eq!(written(1).await, 6);
     app.shutdown().await;
 
-    let actions: Vec<String> = admin
-        .query("SELECT action FROM audit_logs ORDER BY occurred_at", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let actions = texts(&admin, "SELECT action FROM audit_logs ORDER BY occurred_at").await;
     assert_eq!(actions, ["search", "get_version", "insert"], "reads while extended, nothing while off");
 }
 
