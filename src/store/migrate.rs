@@ -24,10 +24,11 @@ pub async fn run_up_to(client: &mut Client, version: i32) -> anyhow::Result<Vec<
 
 async fn run_to(client: &mut Client, target: Target) -> anyhow::Result<Vec<String>> {
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
-    let result = match refuse_newer_schema(client).await {
-        Ok(()) => embedded::migrations::runner().set_target(target).run_async(client).await.context("migration failed"),
-        Err(e) => Err(e),
-    };
+    let result = async {
+        refuse_newer_schema(client).await?;
+        embedded::migrations::runner().set_target(target).run_async(client).await.context("migration failed")
+    }
+    .await;
     client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
     Ok(result?.applied_migrations().iter().map(|m| m.to_string()).collect())
 }
