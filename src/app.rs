@@ -50,7 +50,7 @@ impl App {
             // Settings before the first call, so the first calls already follow them.
             system_config::load(&client, &settings).await.context("cannot read system_config")?;
             drop(client);
-            let pool = store::pool(pg.clone(), config.database.db_pool_size);
+            let pool = store::pool(pg.clone(), config.database.db_pool_size, store::CheckOut::Tested);
             if !config.auth.no_auth {
                 bootstrap_root(&pool, &config.auth.root_password).await.context("cannot create the root user")?;
                 let a = &config.auth;

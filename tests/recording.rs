@@ -235,6 +235,44 @@ async fn a_postgres_outage_loses_nothing_and_duplicates_nothing() {
     assert_eq!(spill.spilled_lines(), 0, "the spill file is gone once replayed");
 }
 
+/// The writer's pool hands out connections untested (a test query would be a round trip in
+/// every batch): one PostgreSQL closed while idle must be replaced before a batch fails on it.
+#[tokio::test]
+async fn writer_connections_closed_while_idle_are_replaced_without_spilling() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    for _ in 0..5 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 5).await, 5);
+
+    // As a restart of PostgreSQL would, between two batches.
+    let admin = db.client().await;
+    let closed: i64 = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'milvus-sidecar'
+               AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(closed >= 1, "the writer's connection was closed");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for _ in 0..5 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 10).await, 10);
+    let stats = &app.recording.as_ref().unwrap().stats;
+    assert_eq!(stats.records_spilled.load(std::sync::atomic::Ordering::Relaxed), 0, "no batch failed");
+    assert_eq!(spill.spilled_lines(), 0);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn system_config_changes_apply_without_a_restart() {
     let db = TestDb::create().await;
@@ -312,7 +350,7 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
     c.batch_execute("SELECT ensure_log_partitions(current_date - 120, 0)").await.unwrap();
     let old = "SELECT count(*) FROM pg_class WHERE relname = 'audit_logs_p' || to_char(current_date - 120, 'YYYYMMDD')";
     assert_eq!(db.count(old).await, 1);
-    let pool = milvus_sidecar::store::pool(config, 1);
+    let pool = milvus_sidecar::store::pool(config, 1, milvus_sidecar::store::CheckOut::Tested);
     let done = milvus_sidecar::store::maintenance::run_once(&pool, 90).await.unwrap();
     assert_eq!(done.dropped, 4, "one expired day in each of the four log tables");
     assert_eq!(db.count(old).await, 0);
@@ -527,7 +565,7 @@ async fn migrated() -> (TestDb, tokio_postgres::Client, milvus_sidecar::store::P
     let config = DatabaseArgs::from_url(&db.url()).pg_config().unwrap();
     let mut client = db.client().await;
     milvus_sidecar::store::migrate::run(&mut client).await.unwrap();
-    (db, client, milvus_sidecar::store::pool(config, 1))
+    (db, client, milvus_sidecar::store::pool(config, 1, milvus_sidecar::store::CheckOut::Tested))
 }
 
 /// The name of `table`'s partition for `day` days from today.
@@ -778,7 +816,7 @@ async fn deployed_at(
             log_rows(&c, table, day, n).await;
         }
     }
-    (db, client, c, milvus_sidecar::store::pool(config, 1))
+    (db, client, c, milvus_sidecar::store::pool(config, 1, milvus_sidecar::store::CheckOut::Tested))
 }
 
 /// The plan of a newest-first read of today's query_logs, sequential scans ruled out (these

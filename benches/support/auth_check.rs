@@ -33,7 +33,7 @@ pub async fn measure(database_url: &str, user: &str, password: &str, collection:
         unknown_methods: defaults.unknown_methods,
         fail_open: false,
     };
-    let authority = Authority::new(store::pool(pg, 1), config, settings);
+    let authority = Authority::new(store::pool(pg, 1, store::CheckOut::Tested), config, settings);
     let mut headers = http::HeaderMap::new();
     headers.insert("authorization", crate::load::authorization(user, password).to_str()?.parse()?);
     let rule = access::rule("Search");

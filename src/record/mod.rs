@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::RecordingArgs;
 use crate::facts::CallFacts;
 use crate::settings::Settings;
+use crate::store::CheckOut;
 use crate::store::mirror::Catalog;
 
 pub trait Recorder: Send + Sync + 'static {
@@ -136,8 +137,10 @@ impl Recording {
         std::thread::Builder::new().name("recorder".into()).spawn(move || {
             runtime.block_on(async move {
                 let writer = writer::Writer {
-                    // Its connections' tasks run on this thread's runtime.
-                    pool: crate::store::pool(pg, WRITER_CONNECTIONS),
+                    // Its connections' tasks run on this thread's runtime. A query to test
+                    // each connection would be a round trip in every batch: the writer
+                    // checks what the client already knows instead.
+                    pool: crate::store::pool(pg, WRITER_CONNECTIONS, CheckOut::Untested),
                     settings,
                     spill,
                     stats: writer_stats,

@@ -7,17 +7,20 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bb8::PooledConnection;
+use futures_util::future::join;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_postgres::Transaction;
 
 use super::rows::Record;
 use super::spill::Spill;
 use super::{Queued, Stats};
 use crate::settings::Settings;
-use crate::store::logs::{Batch, BatchError, Ids};
+use crate::store::logs::{Batch, BatchError, Copies, Ids};
 use crate::store::mirror::{Catalog, MirrorOp};
-use crate::store::{Pool, is_transient};
+use crate::store::{Manager, Pool, is_transient};
 
 /// Smallest batch replayed from the spill file.
 const REPLAY_BATCH_MIN: usize = 1_000;
@@ -299,7 +302,7 @@ impl Writer {
 
     async fn try_write(&mut self, records: &[Record], replay: bool) -> Result<usize, Failure> {
         let patience = if self.spill.waiting() > 0 { RETRY_CHECKOUT_TIMEOUT } else { CHECKOUT_TIMEOUT };
-        let mut conn = match tokio::time::timeout(patience, self.pool.get()).await {
+        let mut conn = match tokio::time::timeout(patience, open_connection(&self.pool)).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(bb8::RunError::User(e))) => return Err(Failure::Db(e)),
             Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(Failure::NoConnection),
@@ -317,44 +320,73 @@ impl Writer {
             // fsync). PostgreSQL still writes the WAL within a fraction of a second.
             settings.push_str("SET LOCAL synchronous_commit = off;");
         }
-        tx.batch_execute(&settings).await?;
-        let mut batch = Batch::default();
-        for record in records {
-            let call = &record.call;
-            let user = match &call.user {
-                Some(name) => self.catalog.user_id(&tx, name).await?,
-                None => None,
-            };
-            // Resolved before the mirror change, so a drop or rename is logged against the
-            // collection it acted on. A collection Milvus just served exists even if the
-            // mirror has not seen it yet; a dropped one must not come back.
-            let create = call.success && !matches!(record.mirror, Some(MirrorOp::DropCollection { .. }));
-            let collection = match &call.collection {
-                Some(name) => self.catalog.collection(&tx, &call.database, name, create).await?,
-                None => None,
-            };
-            if let Some(op) = &record.mirror {
-                self.catalog.apply(&tx, op).await?;
-            }
-            let ids = Ids { user, collection: collection.map(|c| c.id) };
-            if let Some(p) = &record.perf {
-                batch.perf.push((call, ids, p));
-            }
-            if let Some(q) = &record.query {
-                batch.query.push((call, ids, q, collection.and_then(|c| c.dimension)));
-            }
-            if let Some(i) = &record.ingestion {
-                batch.ingestion.push((call, ids, i));
-            }
-            if let Some(a) = &record.audit {
-                batch.audit.push((call, ids, a));
-            }
-        }
-        let rows = batch.rows();
-        batch.write(&tx, replay).await?;
-        tx.commit().await?;
+        // The settings go out with the batch's first statements, not in a round trip of
+        // their own: requests polled together are pipelined in the order they are first
+        // polled, so they still come first.
+        let (set, prepared) = join(tx.batch_execute(&settings), prepare(&mut self.catalog, &tx, records, replay)).await;
+        set?;
+        let (copies, rows) = prepared?;
+        copies.commit(tx).await?;
         Ok(rows)
     }
+}
+
+/// A pooled connection PostgreSQL has not closed. The pool does not test its connections (a
+/// round trip in every batch): one PostgreSQL closed while it was idle (a restart, an
+/// administrator's `pg_terminate_backend`) is known to its client by then, and is dropped
+/// here, which takes it out of the pool. One that breaks later fails its batch, which goes
+/// to the spill file and is replayed.
+async fn open_connection(pool: &Pool) -> Result<PooledConnection<'_, Manager>, bb8::RunError<tokio_postgres::Error>> {
+    loop {
+        let conn = pool.get().await?;
+        if !conn.is_closed() {
+            return Ok(conn);
+        }
+    }
+}
+
+/// Resolves the records' names to ids, applies their mirror changes in call order and
+/// prepares the COPYs of their log rows; returns those and how many rows they hold.
+async fn prepare(
+    catalog: &mut Catalog,
+    tx: &Transaction<'_>,
+    records: &[Record],
+    replay: bool,
+) -> Result<(Copies, usize), Failure> {
+    let mut batch = Batch::default();
+    for record in records {
+        let call = &record.call;
+        let user = match &call.user {
+            Some(name) => catalog.user_id(tx, name).await?,
+            None => None,
+        };
+        // Resolved before the mirror change, so a drop or rename is logged against the
+        // collection it acted on. A collection Milvus just served exists even if the
+        // mirror has not seen it yet; a dropped one must not come back.
+        let create = call.success && !matches!(record.mirror, Some(MirrorOp::DropCollection { .. }));
+        let collection = match &call.collection {
+            Some(name) => catalog.collection(tx, &call.database, name, create).await?,
+            None => None,
+        };
+        if let Some(op) = &record.mirror {
+            catalog.apply(tx, op).await?;
+        }
+        let ids = Ids { user, collection: collection.map(|c| c.id) };
+        if let Some(p) = &record.perf {
+            batch.perf.push((call, ids, p));
+        }
+        if let Some(q) = &record.query {
+            batch.query.push((call, ids, q, collection.and_then(|c| c.dimension)));
+        }
+        if let Some(i) = &record.ingestion {
+            batch.ingestion.push((call, ids, i));
+        }
+        if let Some(a) = &record.audit {
+            batch.audit.push((call, ids, a));
+        }
+    }
+    let rows = batch.rows();
+    Ok((batch.prepare(tx, replay).await?, rows))
 }
 
 /// `statement_timeout` in milliseconds: 0 (none) only for a zero duration.

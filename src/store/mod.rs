@@ -11,16 +11,26 @@ use std::time::Duration;
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::NoTls;
 
-pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+pub type Manager = PostgresConnectionManager<NoTls>;
+pub type Pool = bb8::Pool<Manager>;
+
+/// How a pool makes sure of a connection before handing it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOut {
+    /// By a query: a connection PostgreSQL dropped (a restart) is found out, at the cost of
+    /// a round trip.
+    Tested,
+    /// Not at all: the caller checks `is_closed()` (see `record::writer`).
+    Untested,
+}
 
 /// A pool that connects lazily: the sidecar serves calls while PostgreSQL is away.
-pub fn pool(config: tokio_postgres::Config, size: u32) -> Pool {
+pub fn pool(config: tokio_postgres::Config, size: u32, check_out: CheckOut) -> Pool {
     bb8::Pool::builder()
         .max_size(size.max(1))
         .connection_timeout(Duration::from_secs(5))
-        // A connection PostgreSQL dropped (restart) is found out before it is handed out.
-        .test_on_check_out(true)
-        .build_unchecked(PostgresConnectionManager::new(config, NoTls))
+        .test_on_check_out(check_out == CheckOut::Tested)
+        .build_unchecked(Manager::new(config, NoTls))
 }
 
 /// One connection outside the pool, for migrations and LISTEN.
