@@ -235,6 +235,42 @@ async fn a_postgres_outage_loses_nothing_and_duplicates_nothing() {
     assert_eq!(spill.spilled_lines(), 0, "the spill file is gone once replayed");
 }
 
+/// A PostgreSQL that stops answering without closing the connection (a network gone away
+/// without a reset) must not hold the writer: the pool hands out connections untested, so
+/// the writer bounds its BEGIN, and the records go to disk until PostgreSQL is back.
+#[tokio::test]
+async fn a_postgres_that_stops_answering_sends_records_to_disk_and_all_arrive() {
+    let db = TestDb::create().await;
+    let relay = Relay::start(db.server()).await;
+    let upstream = fake_milvus().await;
+    let (app, spill) = start_app(upstream.addr, db.url_via(Some(&relay.addr.to_string()))).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    for _ in 0..10 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 10).await, 10);
+
+    relay.stall();
+    for _ in 0..50 {
+        client.unary("Search", search("c")).await.expect("calls keep flowing while PostgreSQL is silent");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while spill.spilled_lines() < 50 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(spill.spilled_lines(), 50, "every record made while PostgreSQL was silent is on disk");
+
+    relay.restore();
+    for _ in 0..10 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 70).await, 70, "all arrive");
+    let stats = &app.recording.as_ref().unwrap().stats;
+    assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 70, "none twice");
+}
+
 /// The writer's pool hands out connections untested (a test query would be a round trip in
 /// every batch): one PostgreSQL closed while idle must be replaced before a batch fails on it.
 #[tokio::test]

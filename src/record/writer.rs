@@ -294,6 +294,9 @@ impl Writer {
         }
         result.map_err(|failure| match failure {
             Failure::NoConnection => WriteError::Transient("no PostgreSQL connection within the pool timeout".into()),
+            Failure::NoAnswer(after) => {
+                WriteError::Transient(format!("PostgreSQL did not answer BEGIN within {after:?}"))
+            }
             Failure::Db(e) if is_transient(&e) => WriteError::Transient(crate::error_chain(&e)),
             Failure::Db(e) => WriteError::Rejected(crate::error_chain(&e)),
             Failure::Encode(reason) => WriteError::Rejected(reason),
@@ -307,7 +310,13 @@ impl Writer {
             Ok(Err(bb8::RunError::User(e))) => return Err(Failure::Db(e)),
             Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(Failure::NoConnection),
         };
-        let tx = conn.transaction().await?;
+        // The pool no longer tests a connection by a query, which this patience bounded: one
+        // gone silent (a network lost without a reset) would hold the writer at BEGIN, so
+        // BEGIN gets the same patience, and the batch goes to the spill file.
+        let tx = match tokio::time::timeout(patience, conn.transaction()).await {
+            Ok(begun) => begun?,
+            Err(_) => return Err(Failure::NoAnswer(patience)),
+        };
         // A writer blocked inside a statement (a lock held elsewhere, a stalled server)
         // drains nothing while calls go on queueing: PostgreSQL cancels the statement
         // instead, the transaction rolls back, and the batch goes to the spill file.
@@ -397,6 +406,8 @@ fn timeout_ms(timeout: Duration) -> u128 {
 enum Failure {
     Db(tokio_postgres::Error),
     NoConnection,
+    /// BEGIN went unanswered this long.
+    NoAnswer(Duration),
     /// A row holds a value PostgreSQL's binary form cannot.
     Encode(String),
 }
