@@ -55,6 +55,14 @@ mod tempdir {
         pub fn spilled_lines(&self) -> usize {
             std::fs::read_to_string(self.path.join("records.jsonl")).map_or(0, |s| s.lines().count())
         }
+        /// The spilled lines once there are `n`, else as many as there are after `within`.
+        pub async fn wait_for_spilled(&self, n: usize, within: std::time::Duration) -> usize {
+            let deadline = std::time::Instant::now() + within;
+            while self.spilled_lines() < n && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            self.spilled_lines()
+        }
     }
     impl Drop for Dir {
         fn drop(&mut self) {
@@ -214,11 +222,8 @@ async fn a_postgres_outage_loses_nothing_and_duplicates_nothing() {
         client.unary("Search", search("c")).await.expect("calls keep flowing while PostgreSQL is away");
     }
     // The writer finds PostgreSQL gone and keeps the records on disk.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while spill.spilled_lines() < 150 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(spill.spilled_lines(), 150, "every record made during the outage is on disk");
+    let spilled = spill.wait_for_spilled(150, Duration::from_secs(15)).await;
+    assert_eq!(spilled, 150, "every record made during the outage is on disk");
     assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 20);
 
     relay.restore();
@@ -254,11 +259,8 @@ async fn a_postgres_that_stops_answering_sends_records_to_disk_and_all_arrive() 
     for _ in 0..50 {
         client.unary("Search", search("c")).await.expect("calls keep flowing while PostgreSQL is silent");
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while spill.spilled_lines() < 50 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(spill.spilled_lines(), 50, "every record made while PostgreSQL was silent is on disk");
+    let spilled = spill.wait_for_spilled(50, Duration::from_secs(20)).await;
+    assert_eq!(spilled, 50, "every record made while PostgreSQL was silent is on disk");
 
     relay.restore();
     for _ in 0..10 {
