@@ -40,7 +40,7 @@ check_rust() {
     if ((${#missing[@]})); then
         apt_install "${missing[@]}"
     fi
-    DONE+=("C build tools for jemalloc: $(cc --version | head -1), $(make --version | head -1)")
+    DONE+=("C build tools for jemalloc: $(cc --version | sed -n 1p), $(make --version | sed -n 1p)")
 }
 
 pick_python() {
