@@ -171,8 +171,10 @@ pub struct RecordingArgs {
     pub flush_interval: Duration,
 
     /// Longest PostgreSQL may take over one statement of the writer (a lock held elsewhere,
-    /// a stalled disk) before the batch goes to the spill file instead; 0 waits forever.
-    /// While the writer waits, records pile up in the queue; past this they spill.
+    /// a stalled disk) before the batch goes to the spill file instead; a batch unanswered
+    /// this long plus 1 s after its BEGIN (a server or network gone silent) spills too, and
+    /// its connection is closed. 0 waits forever. While the writer waits, records pile up in
+    /// the queue; past this they spill.
     #[arg(long, env = "MILVUS_SIDECAR_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
 

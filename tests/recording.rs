@@ -273,6 +273,47 @@ async fn a_postgres_that_stops_answering_sends_records_to_disk_and_all_arrive() 
     assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 70, "none twice");
 }
 
+/// PostgreSQL, or the network to it, going silent in the middle of a batch, after its BEGIN:
+/// no statement_timeout can end that wait. The writer gives the batch up after
+/// --write-timeout and a little more, keeps it on disk, closes that connection rather than
+/// pooling it again, and goes on; every record arrives once.
+#[tokio::test]
+async fn a_postgres_silent_mid_batch_is_given_up_on_and_its_records_arrive_once() {
+    let db = TestDb::create().await;
+    let relay = Relay::start(db.server()).await;
+    let upstream = fake_milvus().await;
+    let (app, spill) = start_app_with(upstream.addr, db.url_via(Some(&relay.addr.to_string())), |c| {
+        c.recording.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    for _ in 0..5 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 5).await, 5);
+
+    // The next batch's COPYs never reach PostgreSQL, nor does anything after them.
+    relay.stall_at(b"FROM STDIN");
+    for _ in 0..10 {
+        client.unary("Search", search("c")).await.expect("calls keep flowing while PostgreSQL is silent");
+    }
+    let spilled = spill.wait_for_spilled(10, Duration::from_secs(20)).await;
+    assert_eq!(spilled, 10, "the batch PostgreSQL went silent in is on disk");
+    assert!(
+        relay.wait_for_stalled_close(Duration::from_secs(5)).await,
+        "the writer closed the connection it gave up on"
+    );
+
+    for _ in 0..10 {
+        client.unary("Search", search("c")).await.unwrap();
+    }
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 25).await, 25, "all arrive");
+    let stats = &app.recording.as_ref().unwrap().stats;
+    assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 25, "none twice");
+}
+
 /// The writer's pool hands out connections untested (a test query would be a round trip in
 /// every batch): one PostgreSQL closed while idle must be replaced before a batch fails on it.
 #[tokio::test]

@@ -20,7 +20,7 @@ use super::{Queued, Stats};
 use crate::settings::Settings;
 use crate::store::logs::{Batch, BatchError, Copies, Ids};
 use crate::store::mirror::{Catalog, MirrorOp};
-use crate::store::{Manager, Pool, is_transient};
+use crate::store::{Connection, Manager, Pool, is_transient};
 
 /// Smallest batch replayed from the spill file.
 const REPLAY_BATCH_MIN: usize = 1_000;
@@ -294,8 +294,8 @@ impl Writer {
         }
         result.map_err(|failure| match failure {
             Failure::NoConnection => WriteError::Transient("no PostgreSQL connection within the pool timeout".into()),
-            Failure::NoAnswer(after) => {
-                WriteError::Transient(format!("PostgreSQL did not answer BEGIN within {after:?}"))
+            Failure::NoAnswer { step, after } => {
+                WriteError::Transient(format!("PostgreSQL did not finish {step} within {after:?}"))
             }
             Failure::Db(e) if is_transient(&e) => WriteError::Transient(crate::error_chain(&e)),
             Failure::Db(e) => WriteError::Rejected(crate::error_chain(&e)),
@@ -310,12 +310,29 @@ impl Writer {
             Ok(Err(bb8::RunError::User(e))) => return Err(Failure::Db(e)),
             Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(Failure::NoConnection),
         };
+        let written = self.transact(&mut conn, records, replay, patience).await;
+        if let Err(Failure::NoAnswer { .. }) = written {
+            // Whatever it was waiting for may still arrive, and the next batch would read
+            // it as its own answer: closed, not pooled again.
+            conn.abandon();
+        }
+        written
+    }
+
+    /// The batch's transaction on `conn`.
+    async fn transact(
+        &mut self,
+        conn: &mut Connection,
+        records: &[Record],
+        replay: bool,
+        patience: Duration,
+    ) -> Result<usize, Failure> {
         // The pool no longer tests a connection by a query, which this patience bounded: one
         // gone silent (a network lost without a reset) would hold the writer at BEGIN, so
         // BEGIN gets the same patience, and the batch goes to the spill file.
         let tx = match tokio::time::timeout(patience, conn.transaction()).await {
             Ok(begun) => begun?,
-            Err(_) => return Err(Failure::NoAnswer(patience)),
+            Err(_) => return Err(Failure::NoAnswer { step: "BEGIN", after: patience }),
         };
         // A writer blocked inside a statement (a lock held elsewhere, a stalled server)
         // drains nothing while calls go on queueing: PostgreSQL cancels the statement
@@ -329,14 +346,26 @@ impl Writer {
             // fsync). PostgreSQL still writes the WAL within a fraction of a second.
             settings.push_str("SET LOCAL synchronous_commit = off;");
         }
-        // The settings go out with the batch's first statements, not in a round trip of
-        // their own: requests polled together are pipelined in the order they are first
-        // polled, so they still come first.
-        let (set, prepared) = join(tx.batch_execute(&settings), prepare(&mut self.catalog, &tx, records, replay)).await;
-        set?;
-        let (copies, rows) = prepared?;
-        copies.commit(tx).await?;
-        Ok(rows)
+        let work = async {
+            // The settings go out with the batch's first statements, not in a round trip of
+            // their own: requests polled together are pipelined in the order they are first
+            // polled, so they still come first.
+            let (set, prepared) =
+                join(tx.batch_execute(&settings), prepare(&mut self.catalog, &tx, records, replay)).await;
+            set?;
+            let (copies, rows) = prepared?;
+            copies.commit(tx).await?;
+            Ok(rows)
+        };
+        // PostgreSQL's statement_timeout cannot end a wait for a server or network gone
+        // silent after BEGIN: the batch gets the same bound, and a little more, from here.
+        // Whether it committed is then unknown; the spill file's replay skips the rows that
+        // did arrive.
+        if self.write_timeout.is_zero() {
+            return work.await;
+        }
+        let bound = self.write_timeout + patience;
+        tokio::time::timeout(bound, work).await.unwrap_or(Err(Failure::NoAnswer { step: "the batch", after: bound }))
     }
 }
 
@@ -345,9 +374,12 @@ impl Writer {
 /// administrator's `pg_terminate_backend`) is known to its client by then, and is dropped
 /// here, which takes it out of the pool. One that breaks later fails its batch, which goes
 /// to the spill file and is replayed.
-async fn open_connection(pool: &Pool) -> Result<PooledConnection<'_, Manager>, bb8::RunError<tokio_postgres::Error>> {
+async fn open_connection(
+    pool: &Pool,
+) -> Result<PooledConnection<'static, Manager>, bb8::RunError<tokio_postgres::Error>> {
     loop {
-        let conn = pool.get().await?;
+        // Owned (it holds the pool, not a borrow of it): the writer goes on using itself.
+        let conn = pool.get_owned().await?;
         if !conn.is_closed() {
             return Ok(conn);
         }
@@ -406,8 +438,11 @@ fn timeout_ms(timeout: Duration) -> u128 {
 enum Failure {
     Db(tokio_postgres::Error),
     NoConnection,
-    /// BEGIN went unanswered this long.
-    NoAnswer(Duration),
+    /// PostgreSQL did not finish `step` of the batch within `after`.
+    NoAnswer {
+        step: &'static str,
+        after: Duration,
+    },
     /// A row holds a value PostgreSQL's binary form cannot.
     Encode(String),
 }

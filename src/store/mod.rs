@@ -6,12 +6,12 @@ pub mod migrate;
 pub mod mirror;
 pub mod system_config;
 
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
-use bb8_postgres::PostgresConnectionManager;
-use tokio_postgres::NoTls;
+use tokio::task::AbortHandle;
+use tokio_postgres::{Client, NoTls};
 
-pub type Manager = PostgresConnectionManager<NoTls>;
 pub type Pool = bb8::Pool<Manager>;
 
 /// How a pool makes sure of a connection before handing it out.
@@ -30,18 +30,85 @@ pub fn pool(config: tokio_postgres::Config, size: u32, check_out: CheckOut) -> P
         .max_size(size.max(1))
         .connection_timeout(Duration::from_secs(5))
         .test_on_check_out(check_out == CheckOut::Tested)
-        .build_unchecked(Manager::new(config, NoTls))
+        .build_unchecked(Manager { config })
+}
+
+/// Makes the pool's connections.
+pub struct Manager {
+    config: tokio_postgres::Config,
+}
+
+/// A pooled connection: a client, and the task that drives its socket.
+pub struct Connection {
+    client: Client,
+    driver: AbortHandle,
+    abandoned: bool,
+}
+
+impl Connection {
+    /// Gives up on the connection: it is closed when handed back, not pooled again. For one
+    /// that stopped answering mid-transaction, which a later user would find in the same
+    /// state (and whose socket TCP may take many minutes to give up on).
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.abandoned {
+            // Closes the socket now: dropping the client alone would leave its task waiting
+            // for the peer to take what was sent.
+            self.driver.abort();
+        }
+    }
+}
+
+impl Deref for Connection {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Connection;
+    type Error = tokio_postgres::Error;
+
+    async fn connect(&self) -> Result<Connection, tokio_postgres::Error> {
+        let (client, driver) = spawn_connection(&self.config).await?;
+        Ok(Connection { client, driver, abandoned: false })
+    }
+
+    async fn is_valid(&self, conn: &mut Connection) -> Result<(), tokio_postgres::Error> {
+        conn.simple_query("").await.map(drop)
+    }
+
+    fn has_broken(&self, conn: &mut Connection) -> bool {
+        conn.abandoned || conn.is_closed()
+    }
 }
 
 /// One connection outside the pool, for migrations and LISTEN.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    Ok(spawn_connection(config).await?.0)
+}
+
+/// Connects, and spawns the task that drives the connection's socket.
+async fn spawn_connection(config: &tokio_postgres::Config) -> Result<(Client, AbortHandle), tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection ended");
         }
     });
-    Ok(client)
+    Ok((client, driver.abort_handle()))
 }
 
 /// How often start-up tries an unreachable PostgreSQL again.
