@@ -20,6 +20,9 @@
 # callgrind_control cannot reach (it is forked, not started), is counted over its whole life
 # and divided by the calls of its run (req/s x the run's seconds, plus 1 s of warm-up):
 # within about 2 %.
+#
+# BENCH_CALLGRIND_KEEP=DIR copies each sidecar's counts of its window there
+# (<target>-<scenario>.callgrind), for callgrind_annotate.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -126,6 +129,10 @@ measure_sidecar() {
     n2="$(calls_of "$pid")"
     wait "$BENCH_PID" || { cat "$out"; die "the bench failed"; }
     ir="$(total_ir "$WORK/cg.$pid.2")"
+    if [[ -n "${BENCH_CALLGRIND_KEEP:-}" ]]; then
+        mkdir -p "$BENCH_CALLGRIND_KEEP"
+        cp "$WORK/cg.$pid.2" "$BENCH_CALLGRIND_KEEP/$target-$scenario.callgrind"
+    fi
     RESULT="$((ir / (n2 - n1)))"
     printf '  %-14s %-11s %8d instructions per call (%d calls in %d s)\n' "$target" "$scenario" "$RESULT" \
         $((n2 - n1)) "$WINDOW"
