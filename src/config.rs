@@ -142,7 +142,35 @@ impl DatabaseArgs {
             }
         };
         config.application_name("milvus-sidecar").connect_timeout(Duration::from_secs(5));
+        detect_dead_peers(&mut config);
         Ok(config)
+    }
+}
+
+/// How long a PostgreSQL connection may go without an answer at the TCP level (data sent
+/// and not acknowledged, or keep-alive probes unanswered) before it is closed.
+pub const DEAD_PEER_AFTER: Duration = Duration::from_secs(30);
+
+/// A PostgreSQL that vanishes without a reset (its node lost, a network partition) would
+/// hold the sidecar's connections until TCP gives up on its own: about 15 minutes with
+/// data unacknowledged, two hours when idle (tokio-postgres's keep-alive default). Until
+/// then the pool hands them out and permission lookups on them time out, even once a
+/// replacement PostgreSQL is up. Keep-alive probes after 10 s idle, then every 5 s, and a
+/// TCP user timeout close such a connection within [`DEAD_PEER_AFTER`]. Values the URL sets
+/// (`keepalives_idle`, `keepalives_interval`, `keepalives_retries`, `tcp_user_timeout`) stay.
+fn detect_dead_peers(config: &mut tokio_postgres::Config) {
+    let defaults = tokio_postgres::Config::new();
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(DEAD_PEER_AFTER);
+    }
+    if config.get_keepalives_idle() == defaults.get_keepalives_idle() {
+        config.keepalives_idle(Duration::from_secs(10));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(5));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(4);
     }
 }
 
@@ -707,5 +735,22 @@ mod tests {
         let local = Config::local(cfg.upstream.clone());
         assert_eq!(format!("{:?}", cfg.tls), format!("{:?}", local.tls), "TlsArgs::default matches the flags");
         assert_eq!(format!("{:?}", cfg.limits), format!("{:?}", local.limits));
+    }
+
+    #[test]
+    fn postgres_connections_detect_a_dead_peer_unless_the_url_says_otherwise() {
+        let config = DatabaseArgs::from_url("postgres://u@db:5432/d").pg_config().unwrap();
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_tcp_user_timeout(), Some(&DEAD_PEER_AFTER));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(5)));
+        assert_eq!(config.get_keepalives_retries(), Some(4));
+
+        let url = "postgres://u@db:5432/d?keepalives_idle=600&keepalives_interval=60&keepalives_retries=9&tcp_user_timeout=120";
+        let config = DatabaseArgs::from_url(url).pg_config().unwrap();
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(120)));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(600));
+        assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(60)));
+        assert_eq!(config.get_keepalives_retries(), Some(9));
     }
 }

@@ -291,6 +291,33 @@ async fn uncached_decisions_fail_closed_when_postgres_is_away() {
     s.app.shutdown().await;
 }
 
+/// A lookup whose connection goes silent (a network lost without a reset) is answered
+/// UNAVAILABLE at the lookup timeout, and that connection is closed rather than pooled
+/// again, where it would hold up the next lookups the same way.
+#[tokio::test]
+async fn a_lookup_on_a_connection_gone_silent_fails_and_the_connection_is_not_reused() {
+    let s = setup_with(true, |_| {}).await;
+    let relay = s.relay.as_ref().unwrap();
+    call(&s, "Search", Some("alice:alice-pw"), search("docs")).await.expect("PostgreSQL answers");
+    relay.stall_at(b"password_hash FROM users");
+
+    let started = std::time::Instant::now();
+    let status = call(&s, "Search", Some("root:Milvus"), search("docs")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no answer within 3 s"), "{}", status.message());
+    assert!(started.elapsed() < Duration::from_secs(6), "answered at the lookup timeout: {:?}", started.elapsed());
+    assert!(
+        relay.wait_for_stalled_close(Duration::from_secs(2)).await,
+        "the sidecar closed the connection that went silent"
+    );
+
+    // The next lookup goes through a connection that answers.
+    let started = std::time::Instant::now();
+    call(&s, "Search", Some("root:Milvus"), search("docs")).await.expect("the lookup succeeds on another connection");
+    assert!(started.elapsed() < Duration::from_secs(2), "not held up: {:?}", started.elapsed());
+    s.app.shutdown().await;
+}
+
 #[tokio::test]
 async fn fail_open_lets_uncached_grants_through_and_anonymous_maps_to_a_user() {
     let s = setup_with(true, |c| {

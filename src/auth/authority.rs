@@ -468,11 +468,21 @@ impl Authority {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, AuthError> {
         let unavailable = |e: String| AuthError::Unavailable(format!("cannot check permissions: PostgreSQL: {e}"));
-        let work = async {
-            let conn = self.pool.get().await.map_err(|e| unavailable(e.to_string()))?;
-            conn.query(sql, params).await.map_err(|e| unavailable(crate::error_chain(&e)))
-        };
-        tokio::time::timeout(LOOKUP_TIMEOUT, work).await.map_err(|_| unavailable("no answer within 3 s".into()))?
+        let late = || unavailable(format!("no answer within {} s", LOOKUP_TIMEOUT.as_secs()));
+        let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
+        let mut conn = tokio::time::timeout_at(deadline, self.pool.get())
+            .await
+            .map_err(|_| late())?
+            .map_err(|e| unavailable(e.to_string()))?;
+        match tokio::time::timeout_at(deadline, conn.query(sql, params)).await {
+            Ok(rows) => rows.map_err(|e| unavailable(crate::error_chain(&e))),
+            Err(_) => {
+                // Gone silent (or too slow to wait for): pooled again, it would hold up the
+                // next lookups the same way.
+                conn.abandon();
+                Err(late())
+            }
+        }
     }
 
     /// Clears the grants whenever users, grants or collections change, and every 30 s

@@ -312,8 +312,8 @@ impl Writer {
         };
         let written = self.transact(&mut conn, records, replay, patience).await;
         if let Err(Failure::NoAnswer { .. }) = written {
-            // Whatever it was waiting for may still arrive, and the next batch would read
-            // it as its own answer: closed, not pooled again.
+            // Pooled again, it would hold up the next batch in turn (until TCP gives up on
+            // it, which may take many seconds): closed instead.
             conn.abandon();
         }
         written

@@ -47,8 +47,8 @@ pub struct Connection {
 
 impl Connection {
     /// Gives up on the connection: it is closed when handed back, not pooled again. For one
-    /// that stopped answering mid-transaction, which a later user would find in the same
-    /// state (and whose socket TCP may take many minutes to give up on).
+    /// that stopped answering, which would hold up its next user the same way until TCP
+    /// gives up on it.
     pub fn abandon(&mut self) {
         self.abandoned = true;
     }
