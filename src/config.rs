@@ -149,7 +149,7 @@ impl DatabaseArgs {
 
 /// How long a PostgreSQL connection may go without an answer at the TCP level (data sent
 /// and not acknowledged, or keep-alive probes unanswered) before it is closed.
-pub const DEAD_PEER_AFTER: Duration = Duration::from_secs(30);
+const DEAD_PEER_AFTER: Duration = Duration::from_secs(30);
 
 /// A PostgreSQL that vanishes without a reset (its node lost, a network partition) would
 /// hold the sidecar's connections until TCP gives up on its own: about 15 minutes with

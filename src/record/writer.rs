@@ -378,7 +378,8 @@ async fn open_connection(
     pool: &Pool,
 ) -> Result<PooledConnection<'static, Manager>, bb8::RunError<tokio_postgres::Error>> {
     loop {
-        // Owned (it holds the pool, not a borrow of it): the writer goes on using itself.
+        // Owned (it holds the pool, not a borrow of the writer's field), so the writer's
+        // other fields stay free to borrow while the batch holds it.
         let conn = pool.get_owned().await?;
         if !conn.is_closed() {
             return Ok(conn);
