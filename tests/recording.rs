@@ -109,6 +109,16 @@ async fn fake_milvus() -> FakeUpstream {
     }
 }
 
+/// Waits for `n` performance rows (every call's, spilled ones replayed), with none dropped,
+/// then stops the app and checks that the rows stayed `n`: each record arrived exactly once.
+async fn each_record_arrives_once(db: &TestDb, app: App, n: i64) {
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", n).await, n, "all arrive");
+    let stats = &app.recording.as_ref().unwrap().stats;
+    assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, n, "none twice");
+}
+
 #[tokio::test]
 async fn every_call_leaves_its_rows_and_the_mirror_follows() {
     let db = TestDb::create().await;
@@ -266,11 +276,7 @@ async fn a_postgres_that_stops_answering_sends_records_to_disk_and_all_arrive() 
     for _ in 0..10 {
         client.unary("Search", search("c")).await.unwrap();
     }
-    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 70).await, 70, "all arrive");
-    let stats = &app.recording.as_ref().unwrap().stats;
-    assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
-    app.shutdown().await;
-    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 70, "none twice");
+    each_record_arrives_once(&db, app, 70).await;
 }
 
 /// PostgreSQL, or the network to it, going silent in the middle of a batch, after its BEGIN:
@@ -307,11 +313,7 @@ async fn a_postgres_silent_mid_batch_is_given_up_on_and_its_records_arrive_once(
     for _ in 0..10 {
         client.unary("Search", search("c")).await.unwrap();
     }
-    assert_eq!(db.wait_for_count("SELECT count(*) FROM performance_metrics", 25).await, 25, "all arrive");
-    let stats = &app.recording.as_ref().unwrap().stats;
-    assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
-    app.shutdown().await;
-    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 25, "none twice");
+    each_record_arrives_once(&db, app, 25).await;
 }
 
 /// The writer's pool hands out connections untested (a test query would be a round trip in
