@@ -3,12 +3,12 @@
 //! workers, for a credential not seen recently). Any change to users, grants or
 //! collections, made anywhere, clears the caches through LISTEN/NOTIFY.
 
-use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use hmac::{Hmac, KeyInit, Mac};
 use http::HeaderMap;
 use sha2::Sha256;

@@ -45,7 +45,7 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential, &'static str> {
 /// not visible ASCII.
 pub fn database(headers: &HeaderMap) -> &str {
     headers
-        .get("dbname")
+        .get(crate::milvus::headers::DBNAME)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .unwrap_or(crate::facts::DEFAULT_DATABASE)

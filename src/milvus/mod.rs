@@ -2,6 +2,7 @@
 
 pub mod access;
 mod catalogue;
+pub mod headers;
 pub mod views;
 pub mod wire;
 

@@ -6,11 +6,17 @@ use std::io::Read;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tonic::Code;
 
 use super::error::ProxyError;
 use crate::facts::Outcome;
+
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub const GRPC_STATUS_DETAILS_BIN: HeaderName = HeaderName::from_static("grpc-status-details-bin");
 
 /// Length-prefixed message header: 1 byte compressed flag, 4 bytes big-endian length.
 pub const HEADER_LEN: usize = 5;
@@ -130,7 +136,7 @@ impl Gathered {
 
 /// The client's deadline from `grpc-timeout` (`<digits><unit>`, unit one of H M S m u n).
 pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
     if value.len() < 2 || value.len() > 9 {
         return None;
     }
@@ -148,15 +154,28 @@ pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// A `grpc-timeout` value for `d` (milliseconds; at most 8 digits, as the spec allows).
+/// Every capped Search asks for the same value (`max_query_timeout`), so the last one made
+/// on this thread is kept: a copy of it is a reference count, where making it is a format
+/// and two allocations.
 pub fn timeout_header(d: Duration) -> HeaderValue {
-    let ms = d.as_millis().min(99_999_999);
-    HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit are a valid header value")
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Duration, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((made_for, value)) if *made_for == d => value.clone(),
+        _ => {
+            let ms = d.as_millis().min(99_999_999);
+            let value = HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit are a valid header value");
+            *last = Some((d, value.clone()));
+            value
+        }
+    })
 }
 
 /// The gRPC status in a header block (trailers, or the headers of a trailers-only reply).
 /// Parses the (percent-encoded) message only when the status is not OK.
 pub fn outcome_in(headers: &HeaderMap) -> Option<Outcome> {
-    let code = headers.get("grpc-status")?;
+    let code = headers.get(GRPC_STATUS)?;
     if code.as_bytes() == b"0" {
         return Some(Outcome::default());
     }
@@ -241,6 +260,15 @@ mod tests {
         assert_eq!(timeout(&h), None);
         h.insert("grpc-timeout", HeaderValue::from_static("1234567890S"));
         assert_eq!(timeout(&h), None, "more than 8 digits is invalid");
+    }
+
+    #[test]
+    fn a_timeout_value_kept_for_reuse_follows_a_changed_cap() {
+        assert_eq!(timeout_header(Duration::from_secs(300)), "300000m");
+        assert_eq!(timeout_header(Duration::from_secs(300)), "300000m");
+        assert_eq!(timeout_header(Duration::from_millis(2500)), "2500m");
+        assert_eq!(timeout_header(Duration::from_secs(1_000_000)), "99999999m", "at most 8 digits");
+        assert_eq!(timeout_header(Duration::from_secs(300)), "300000m");
     }
 
     #[test]

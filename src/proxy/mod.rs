@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderName, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -36,6 +36,7 @@ use crate::auth::policy::Role;
 use crate::config::Config;
 use crate::facts::{CallFacts, Client, Method, Outcome};
 use crate::milvus::access::{self, Access, MethodRule};
+use crate::milvus::headers::{CLIENT_REQUEST_ID, CLIENT_REQUEST_UNIXMSEC, SOURCEID};
 use crate::milvus::{Rpc, views, wire};
 use crate::record::Recorder;
 use crate::settings::Settings;
@@ -43,11 +44,11 @@ use crate::telemetry::Telemetry;
 
 /// Headers Milvus trusts only from its own cluster members (`sourceid` lets a caller skip
 /// authentication). No client may send them through the sidecar.
-const INTERNAL_HEADERS: &[&str] = &["sourceid"];
+const INTERNAL_HEADERS: [HeaderName; 1] = [SOURCEID];
 
 /// Headers whose value is new on every call: pymilvus sets the first two, a gRPC client with
 /// a deadline the third.
-const PER_CALL_HEADERS: &[&str] = &["client-request-id", "client-request-unixmsec", "grpc-timeout"];
+const PER_CALL_HEADERS: [HeaderName; 3] = [CLIENT_REQUEST_ID, CLIENT_REQUEST_UNIXMSEC, grpc::GRPC_TIMEOUT];
 
 /// The caller's headers as they go upstream: without the internal ones, and with the
 /// per-call values sent as HPACK never-indexed literals. Left indexable, each call would
@@ -56,11 +57,11 @@ const PER_CALL_HEADERS: &[&str] = &["client-request-id", "client-request-unixmse
 /// every one still stored under its name (callgrind of the bench's Search: 63 comparisons
 /// per call, 19 with these never indexed).
 fn prepare_for_upstream(headers: &mut http::HeaderMap) {
-    for name in INTERNAL_HEADERS {
-        headers.remove(*name);
+    for name in &INTERNAL_HEADERS {
+        headers.remove(name);
     }
-    for name in PER_CALL_HEADERS {
-        if let Some(value) = headers.get_mut(*name) {
+    for name in &PER_CALL_HEADERS {
+        if let Some(value) = headers.get_mut(name) {
             value.set_sensitive(true);
         }
     }
@@ -188,7 +189,7 @@ impl Shared {
                 let message = match &head {
                     Head::Whole(bytes) => {
                         call.facts.request_bytes = bytes.len() as u64;
-                        let encoding = parts.headers.get("grpc-encoding");
+                        let encoding = parts.headers.get(grpc::GRPC_ENCODING);
                         match grpc::first_message(bytes, encoding, self.max_message_bytes) {
                             Ok(message) => message,
                             Err(e) => {
@@ -327,7 +328,7 @@ impl Shared {
         let trailers = collected.trailers().cloned();
         let bytes = collected.to_bytes();
         let outcome = trailers.as_ref().and_then(grpc::outcome_in).or_else(|| grpc::outcome_in(&parts.headers));
-        let rewritten = grpc::first_message(&bytes, parts.headers.get("grpc-encoding"), self.max_message_bytes)
+        let rewritten = grpc::first_message(&bytes, parts.headers.get(grpc::GRPC_ENCODING), self.max_message_bytes)
             .ok()
             .and_then(|msg| {
                 rewrite::filter_show_collections(&msg, |name| Authority::may_read(principal, &grants, &database, name))
@@ -344,7 +345,7 @@ impl Shared {
             None => bytes,
         };
         let mut parts = parts;
-        parts.headers.remove("grpc-encoding");
+        parts.headers.remove(grpc::GRPC_ENCODING);
         let mut pending = Pending::new(call);
         pending.set_sizes(body.len() as u64);
         let receipt = pending.finish(outcome.unwrap_or_default());
@@ -360,7 +361,7 @@ impl Shared {
         match (client, cap) {
             (Some(c), Some(cap)) if cap >= c.after => Some(c),
             (_, Some(cap)) => {
-                headers.insert("grpc-timeout", grpc::timeout_header(cap));
+                headers.insert(grpc::GRPC_TIMEOUT, grpc::timeout_header(cap));
                 Some(Deadline { after: cap, source: "max_query_timeout in system_config" })
             }
             (client, None) => client,
@@ -404,7 +405,7 @@ impl Shared {
                     peer: Some(peer),
                     user: None,
                     user_agent: headers.get(http::header::USER_AGENT).and_then(detached),
-                    request_id: headers.get("client-request-id").and_then(detached),
+                    request_id: headers.get(CLIENT_REQUEST_ID).and_then(detached),
                 },
             },
             started,

@@ -124,7 +124,7 @@ impl InFlight {
             // Trailers-only reply: the status came with the headers.
             self.end_with(outcome);
         } else if let Some(capture) = self.reply.as_mut() {
-            capture.encoding = headers.get("grpc-encoding").cloned();
+            capture.encoding = headers.get(grpc::GRPC_ENCODING).cloned();
         }
     }
 
@@ -247,10 +247,10 @@ impl Observed {
             c.on_headers(status, headers);
         }
         let mut deferred = None;
-        if call.durable() && headers.contains_key("grpc-status") {
+        if call.durable() && headers.contains_key(grpc::GRPC_STATUS) {
             let mut trailers = HeaderMap::new();
-            for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
-                if let Some(value) = headers.remove(name) {
+            for name in [grpc::GRPC_STATUS, grpc::GRPC_MESSAGE, grpc::GRPC_STATUS_DETAILS_BIN] {
+                if let Some(value) = headers.remove(&name) {
                     trailers.insert(name, value);
                 }
             }

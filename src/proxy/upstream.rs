@@ -184,7 +184,7 @@ impl Upstream {
             )));
         }
         let body = collected.to_bytes();
-        let message = super::grpc::first_message(&body, parts.headers.get("grpc-encoding"), usize::MAX / 2)
+        let message = super::grpc::first_message(&body, parts.headers.get(super::grpc::GRPC_ENCODING), usize::MAX / 2)
             .map_err(|e| unavailable(format!("{method} reply unreadable: {e:?}")))?;
         Ok(bytes::Bytes::copy_from_slice(&message))
     }

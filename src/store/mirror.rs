@@ -1,9 +1,9 @@
 //! `collections`, `collection_partitions` and `index_management`: kept in step with what
 //! Milvus did, and the name -> id lookups the log rows need.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Transaction;
 use uuid::Uuid;

@@ -3,11 +3,11 @@
 //! method name and a few atomic adds. Everything else (recording, permissions cache,
 //! PostgreSQL pool, upstream) is read from where it is already counted when scraped.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+use foldhash::{HashMap, HashSet};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -414,7 +414,7 @@ impl Collections {
         )
         .expect("valid metric");
         let allow = (!args.metrics_collections.is_empty()).then(|| {
-            let mut allow: HashMap<String, HashSet<String>> = HashMap::new();
+            let mut allow: HashMap<String, HashSet<String>> = HashMap::default();
             for c in &args.metrics_collections {
                 let (db, name) = c.split_once('.').unwrap_or((crate::facts::DEFAULT_DATABASE, c));
                 allow.entry(db.to_owned()).or_default().insert(name.to_owned());
