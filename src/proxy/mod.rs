@@ -426,14 +426,11 @@ impl Shared {
 /// Some(empty) when the rule names no collection; None when the body is not protobuf.
 fn targets(rule: Option<MethodRule>, message: &[u8], default_database: &str) -> Option<Vec<(String, String)>> {
     let Some(MethodRule { access: Access::Collection { target, .. }, .. }) = rule else { return Some(Vec::new()) };
-    let database = match target.database_field {
-        0 => None,
-        // The last value, as Milvus (like any protobuf reader) keeps it; an empty one means
-        // "the database in the header", as in Milvus, even after a non-empty one.
-        n => wire::strings(message, n)?.into_iter().next_back().filter(|d| !d.is_empty()),
-    }
-    .unwrap_or(default_database);
-    let names = wire::strings(message, target.collection_field)?;
+    // A database_field of 0 (none) matches nothing: no field has that number.
+    let [databases, names] = wire::fields(message, [target.database_field, target.collection_field])?;
+    // The last value, as Milvus (like any protobuf reader) keeps it; an empty one means
+    // "the database in the header", as in Milvus, even after a non-empty one.
+    let database = databases.last().copied().filter(|d| !d.is_empty()).unwrap_or(default_database);
     Some(names.into_iter().filter(|c| !c.is_empty()).map(|c| (database.to_owned(), c.to_owned())).collect())
 }
 
