@@ -17,28 +17,39 @@ use uuid::Uuid;
 /// A `jsonb` column's value kept as its JSON text: COPYed as is, and written to the spill
 /// file as the JSON it is. Building a `serde_json::Value` tree for each row, serializing it
 /// and dropping it was the largest part of the writer thread's profile.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct JsonText(Box<RawValue>);
+///
+/// A `String` rather than a `Box<RawValue>`: making the box shrinks the text's buffer to
+/// fit, a reallocation for every such value the writer makes. The spill file, written only
+/// while PostgreSQL is away, checks the text instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JsonText(String);
 
 impl JsonText {
     /// `value` as JSON text; our row types always serialize, `{}` should one not.
     pub fn of(value: &impl Serialize) -> JsonText {
-        serde_json::value::to_raw_value(value).map_or_else(|_| JsonText::empty_object(), JsonText)
+        serde_json::to_string(value).map_or_else(|_| JsonText::empty_object(), JsonText)
     }
 
     pub fn empty_object() -> JsonText {
-        JsonText(RawValue::from_string("{}".to_owned()).expect("{} is JSON"))
+        JsonText("{}".to_owned())
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.get()
+        &self.0
     }
 }
 
-impl PartialEq for JsonText {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        Ok(JsonText(Box::<str>::from(raw).into_string()))
     }
 }
 
@@ -482,4 +493,19 @@ pub enum BatchError {
     /// A value PostgreSQL's binary form cannot hold: the row is at fault, not PostgreSQL.
     #[error("cannot encode {table}.{column}: {reason}")]
     Encode { table: &'static str, column: &'static str, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JsonText;
+
+    #[test]
+    fn json_text_is_spilled_as_the_json_it_holds_and_read_back_unchanged() {
+        let text = JsonText::of(&serde_json::json!({"metric_type": "L2", "params": "{\"nprobe\": 10}"}));
+        let spilled = serde_json::to_string(&text).unwrap();
+        assert_eq!(spilled, text.as_str(), "the JSON itself, not a string holding it");
+        let back: JsonText = serde_json::from_str(&spilled).unwrap();
+        assert_eq!(back, text);
+        assert!(serde_json::to_string(&JsonText("{not json".into())).is_err(), "a broken text is an error");
+    }
 }
