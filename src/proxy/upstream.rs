@@ -148,7 +148,7 @@ impl Upstream {
         &self,
         method: &str,
         message: &[u8],
-        headers: &[(&'static str, http::HeaderValue)],
+        headers: &[(http::HeaderName, http::HeaderValue)],
         within: Duration,
     ) -> Result<bytes::Bytes, ProxyError> {
         use http_body_util::BodyExt;
@@ -162,7 +162,7 @@ impl Upstream {
             .body(Body::Full(Some(framed.into())))
             .expect("a static path and headers form a valid request");
         for (name, value) in headers {
-            request.headers_mut().insert(*name, value.clone());
+            request.headers_mut().insert(name, value.clone());
         }
         let reply = self.send(request, Some(Deadline { after: within, source: "the sidecar's own call" })).await?;
         let unavailable = |reason: String| ProxyError::UpstreamUnavailable { upstream: self.name.clone(), reason };

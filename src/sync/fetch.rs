@@ -7,13 +7,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use prost::Message;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{SyncError, pb};
 use crate::facts::DEFAULT_DATABASE;
+use crate::milvus::headers::DBNAME;
 use crate::milvus::views::{self, DescribeIndexResponse, IndexNameRequest};
 use crate::proxy::Upstream;
 use crate::record::rows::read_schema;
@@ -226,8 +227,8 @@ async fn call<R: Message + Default>(
     db: &str,
     request: &impl Message,
 ) -> Result<R, String> {
-    let headers: Vec<(&'static str, HeaderValue)> =
-        HeaderValue::from_str(db).ok().filter(|_| !db.is_empty()).map(|v| ("dbname", v)).into_iter().collect();
+    let headers: Vec<(HeaderName, HeaderValue)> =
+        HeaderValue::from_str(db).ok().filter(|_| !db.is_empty()).map(|v| (DBNAME, v)).into_iter().collect();
     let reply =
         upstream.unary(method, &request.encode_to_vec(), &headers, CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
     R::decode(reply).map_err(|e| format!("{method} reply is not a Milvus reply: {e}"))
