@@ -24,6 +24,7 @@
 //! - `--secs S` / `BENCH_SECS` (5): measured seconds per run; `--warmup S` / `BENCH_WARMUP_SECS` (1).
 //! - `--rounds N` / `BENCH_ROUNDS` (3): runs per target and scenario.
 //! - `--connections N` / `BENCH_CONNECTIONS` (1): HTTP/2 connections the load is spread over.
+//! - `--load-threads N` / `BENCH_LOAD_THREADS` (1): worker threads of the load generator.
 //! - `--scenarios LIST` / `BENCH_SCENARIOS` (`search-c1,search-c32,insert-64k,insert-4m,lite`).
 //!   Besides those: `search-c<N>` (the Search at concurrency N) and `insert-<size>[-c<N>]` (an
 //!   Insert of about `<size>` bytes, a number with `k` or `m`, at concurrency N, 4 if not
@@ -113,15 +114,23 @@ fn main() -> ExitCode {
 fn run() -> Result<u64> {
     let config = Config::load()?;
     let upstream = fake_milvus::start()?;
-    // The load generator gets its own runtime, apart from the fake upstream's thread.
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("load").enable_all().build()?;
+    // The load generator gets its own runtime, apart from the fake upstream's thread. One
+    // worker by default: on two cores shared with the proxy, the upstream and PostgreSQL, a
+    // second one spent more on waking the first than it added (README, "The load generator's
+    // threads").
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.load_threads)
+        .thread_name("load")
+        .enable_all()
+        .build()?;
     runtime.block_on(session(&config, upstream))
 }
 
 /// The proxies in front of one upstream.
 struct Stack {
     upstream: SocketAddr,
+    /// Where the upstream's CPU time is read.
+    upstream_cpu: procstat::Upstream,
     sidecar: Option<Sidecar>,
     norec: Option<Sidecar>,
     nginx: Option<Nginx>,
@@ -142,7 +151,7 @@ impl Drop for Stack {
 }
 
 impl Stack {
-    fn start(config: &Config, upstream: SocketAddr, label: &str) -> Result<Stack> {
+    fn start(config: &Config, upstream: SocketAddr, upstream_cpu: procstat::Upstream, label: &str) -> Result<Stack> {
         let wants = |t| config.targets.contains(&t);
         let mut spill_dir = None;
         let sidecar = if wants(Target::Sidecar) && config.database_url.is_some() {
@@ -166,7 +175,7 @@ impl Stack {
             (Some(bin), true) => Some(Nginx::start(bin, upstream, &config.nginx_workers)?),
             _ => None,
         };
-        Ok(Stack { upstream, sidecar, norec, nginx, spill_dir })
+        Ok(Stack { upstream, upstream_cpu, sidecar, norec, nginx, spill_dir })
     }
 
     /// The targets this stack can serve, in the configured order.
@@ -212,7 +221,7 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
         Some(url) => Some(connect_db(url).await?),
         None => None,
     };
-    let stack = Stack::start(config, upstream, "fake")?;
+    let stack = Stack::start(config, upstream, procstat::Upstream::Fake, "fake")?;
     print_header(config, &stack);
     let auth = load::authorization(BENCH_USER, BENCH_PASSWORD);
     if let (Some(sidecar), Some(db)) = (&stack.sidecar, &db) {
@@ -327,7 +336,9 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
     }
     println!(
         "\n(Load generator, fake upstream, proxies and PostgreSQL share {} cores; CPU per request counts the \
-         proxy process only — nginx: master + workers; the sidecar's includes its writer, not PostgreSQL.)",
+         proxy process only — nginx: master + workers; the sidecar's includes its writer, not PostgreSQL. \
+         The load generator's, the fake upstream's and the idle CPU per request are the rest of the machine's \
+         time: idle is CPU time no process used, steal what the hypervisor took.)",
         cores()
     );
     stack.log_errors();
@@ -363,11 +374,13 @@ fn print_header(config: &Config, stack: &Stack) {
         None => {}
     }
     println!(
-        "  {:.1} s per run after {:.1} s warm-up, {} round(s) alternating targets, {} connection(s), {} cores shared",
+        "  {:.1} s per run after {:.1} s warm-up, {} round(s) alternating targets, {} connection(s), \
+         {} load thread(s), {} cores shared",
         config.measure.as_secs_f64(),
         config.warmup.as_secs_f64(),
         config.rounds,
         config.connections,
+        config.load_threads,
         cores()
     );
 }
@@ -436,6 +449,7 @@ async fn measure_run(
     let workers = load::spawn_workers(&channels, workload, auth, concurrency, window);
     // Sample at the window's edges so that warm-up CPU is not charged to the run.
     sleep_until(window.measure_from.into()).await;
+    let others_before = procstat::Others::read(stack.upstream_cpu)?;
     let before = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
     let (rows_before, backends) = match recording {
         Some((_, db)) => (Some(writer::log_rows(db).await?), writer::backend_pids(db).await?),
@@ -443,6 +457,7 @@ async fn measure_run(
     };
     let pg_before = procstat::cpu_by_pid(&backends);
     sleep_until(window.until.into()).await;
+    let others_after = procstat::Others::read(stack.upstream_cpu)?;
     let after = if pids.is_empty() { None } else { Some(procstat::usage(&pids)?) };
     let pg_after = procstat::cpu_by_pid(&backends);
     let rows_after = match recording {
@@ -451,6 +466,7 @@ async fn measure_run(
     };
     let stats = load::join(workers).await?;
     let mut result = RunResult::new(&stats, config.measure.as_secs_f64(), before.zip(after));
+    result.others = Some(others_after.since(&others_before, stats.latency_us.len()));
     if let (Some((sidecar, db)), Some((perf_before, log_from))) = (recording, accounting) {
         // Every OK call (the check call, warm-up and measured ones) must get its
         // performance_metrics row; give the writer time to catch up, then count.
@@ -586,7 +602,7 @@ async fn lite_scenario(
     eprintln!("  lite: starting milvus-lite and loading {COLLECTION} ...");
     let lite = lite::MilvusLite::start(bin).await?;
     lite.prepare(COLLECTION).await?;
-    let stack = Stack::start(config, lite.addr, "lite")?;
+    let stack = Stack::start(config, lite.addr, procstat::Upstream::Process(lite.pid()), "lite")?;
     if let Some(sidecar) = &stack.sidecar {
         // The sidecar's start-up sync mirrors the collection; the grant made for the fake's
         // stack names it already. Wait until this sidecar lets the bench user search.
@@ -734,6 +750,8 @@ struct Config {
     warmup: Duration,
     rounds: usize,
     connections: usize,
+    /// Worker threads of the load generator's runtime.
+    load_threads: usize,
     scenarios: Vec<String>,
     targets: Vec<Target>,
     writer_calls: usize,
@@ -757,8 +775,8 @@ impl Config {
                 // cargo passes --bench to every bench binary
                 "--bench" => {}
                 "--quick" => quick = true,
-                "--secs" | "--warmup" | "--rounds" | "--connections" | "--scenarios" | "--targets"
-                | "--writer-calls" => {
+                "--secs" | "--warmup" | "--rounds" | "--connections" | "--load-threads" | "--scenarios"
+                | "--targets" | "--writer-calls" => {
                     let value = args.next().with_context(|| format!("{arg} needs a value"))?;
                     flags.push((arg.trim_start_matches("--").to_owned(), value));
                 }
@@ -803,6 +821,7 @@ impl Config {
             warmup: secs_of(setting("warmup", "BENCH_WARMUP_SECS"), "BENCH_WARMUP_SECS", warmup)?,
             rounds: parse_of(setting("rounds", "BENCH_ROUNDS"), "BENCH_ROUNDS", rounds)?,
             connections: parse_of(setting("connections", "BENCH_CONNECTIONS"), "BENCH_CONNECTIONS", 1)?,
+            load_threads: parse_of(setting("load-threads", "BENCH_LOAD_THREADS"), "BENCH_LOAD_THREADS", 1)?,
             scenarios,
             targets,
             writer_calls: parse_of(setting("writer-calls", "BENCH_WRITER_CALLS"), "BENCH_WRITER_CALLS", writer_calls)?,
@@ -821,6 +840,7 @@ impl Config {
         };
         ensure!(config.rounds >= 1, "BENCH_ROUNDS must be at least 1");
         ensure!(config.connections >= 1, "BENCH_CONNECTIONS must be at least 1");
+        ensure!(config.load_threads >= 1, "BENCH_LOAD_THREADS must be at least 1");
         ensure!(!config.measure.is_zero(), "BENCH_SECS must be positive");
         Ok(config)
     }

@@ -40,6 +40,9 @@ struct Replies {
     empty: Bytes,
 }
 
+/// The name of the thread that serves every call, so its CPU time can be told apart.
+pub const THREAD: &str = "fake-milvus";
+
 /// Starts the fake on 127.0.0.1 with an OS-chosen port and returns that address.
 pub fn start() -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the fake Milvus")?;
@@ -47,7 +50,7 @@ pub fn start() -> Result<SocketAddr> {
     let addr = listener.local_addr()?;
     let replies = Arc::new(Replies { search: grpc_frame(&search_results().encode_to_vec()), empty: grpc_frame(&[]) });
     thread::Builder::new()
-        .name("fake-milvus".into())
+        .name(THREAD.into())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -53,6 +53,10 @@ impl MilvusLite {
         Ok(lite)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Creates, fills, indexes and loads `collection`.
     pub async fn prepare(&self, collection: &str) -> Result<()> {
         let channel = crate::load::connect(self.addr, 1).await?.remove(0);

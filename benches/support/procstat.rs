@@ -1,5 +1,6 @@
 //! CPU time and memory of the proxy processes under test, read from /proc: a sidecar is one
-//! process, nginx a master and its workers (their figures are summed).
+//! process, nginx a master and its workers (their figures are summed). Also where the rest of
+//! the machine's CPU went: the bench's own threads, and time no process used.
 
 use std::fs;
 use std::process::Command;
@@ -50,6 +51,98 @@ pub fn cpu_between(before: &[(u32, f64)], after: &[(u32, f64)]) -> f64 {
 /// the process's lifetime peak.
 pub fn reset_peak(pids: &[u32]) -> bool {
     pids.iter().all(|pid| fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok())
+}
+
+/// CPU seconds of this process's threads: (those named `name`, all the others).
+fn own_threads_cpu(name: &str) -> (f64, f64) {
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else { return (0.0, 0.0) };
+    let mut split = (0.0, 0.0);
+    for task in tasks.filter_map(|entry| entry.ok()) {
+        let path = task.path();
+        let Ok(stat) = fs::read_to_string(path.join("stat")) else { continue };
+        let fields = stat_fields(&stat);
+        let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        let secs = (ticks(11) + ticks(12)) as f64 / clock_ticks_per_sec();
+        let comm = fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            split.0 += secs;
+        } else {
+            split.1 += secs;
+        }
+    }
+    split
+}
+
+/// Seconds, summed over the machine's CPUs since boot, that no process ran (idle and waiting
+/// for I/O) and that the hypervisor took for others (steal).
+#[derive(Clone, Copy, Default)]
+struct Machine {
+    idle_secs: f64,
+    steal_secs: f64,
+}
+
+fn machine() -> Result<Machine> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    // "cpu  user nice system idle iowait irq softirq steal ..."
+    let fields: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    let field = |i: usize| fields.get(i).copied().context("short cpu line in /proc/stat");
+    Ok(Machine {
+        idle_secs: (field(3)? + field(4)?) as f64 / clock_ticks_per_sec(),
+        steal_secs: field(7)? as f64 / clock_ticks_per_sec(),
+    })
+}
+
+/// Where the upstream runs, for its CPU time.
+#[derive(Clone, Copy)]
+pub enum Upstream {
+    /// The fake, a thread of this process.
+    Fake,
+    /// A process of its own (milvus-lite) and its children.
+    Process(u32),
+}
+
+/// A reading of where the CPU went besides the proxy and PostgreSQL.
+pub struct Others {
+    upstream_secs: f64,
+    load_secs: f64,
+    machine: Machine,
+}
+
+/// Per call of a window: the bench's load generator (its runtime, and the few queries it makes
+/// to count rows), the upstream, and CPU time nobody used or the hypervisor took.
+/// With the proxy's and PostgreSQL's figures this is the whole of the machine's CPU.
+#[derive(Clone, Copy, Default)]
+pub struct OthersPerCall {
+    pub load_us: f64,
+    pub upstream_us: f64,
+    pub idle_us: f64,
+    pub steal_us: f64,
+}
+
+impl Others {
+    pub fn read(upstream: Upstream) -> Result<Others> {
+        let (fake_secs, load_secs) = own_threads_cpu(crate::fake_milvus::THREAD);
+        let upstream_secs = match upstream {
+            Upstream::Fake => fake_secs,
+            Upstream::Process(pid) => {
+                let mut pids = children(pid);
+                pids.push(pid);
+                cpu_by_pid(&pids).iter().map(|(_, secs)| secs).sum()
+            }
+        };
+        Ok(Others { upstream_secs, load_secs, machine: machine()? })
+    }
+
+    pub fn since(&self, before: &Others, calls: u64) -> OthersPerCall {
+        let per_call = |secs: f64| secs * 1e6 / calls.max(1) as f64;
+        OthersPerCall {
+            load_us: per_call(self.load_secs - before.load_secs),
+            upstream_us: per_call(self.upstream_secs - before.upstream_secs),
+            idle_us: per_call(self.machine.idle_secs - before.machine.idle_secs),
+            steal_us: per_call(self.machine.steal_secs - before.machine.steal_secs),
+        }
+    }
 }
 
 /// The processes whose parent is `parent` (nginx's workers).

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::load::Stats;
-use crate::procstat::Usage;
+use crate::procstat::{OthersPerCall, Usage};
 
 /// The ways the load can go.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -47,6 +47,8 @@ pub struct RunResult {
     pub first_error: Option<String>,
     /// Only for runs through a proxy.
     pub cost: Option<ProxyCost>,
+    /// Where the rest of the machine's CPU went, per call.
+    pub others: Option<OthersPerCall>,
 }
 
 pub struct ProxyCost {
@@ -88,6 +90,7 @@ impl RunResult {
             errors: stats.errors,
             first_error: stats.first_error.clone(),
             cost,
+            others: None,
         }
     }
 
@@ -108,6 +111,12 @@ impl RunResult {
                     r.rows_per_sec, r.postgres_cpu_us_per_req, r.lost, r.spill_or_drop_lines
                 );
             }
+        }
+        if let Some(o) = &self.others {
+            line += &format!(
+                "  others µs/req: load {:.1}, upstream {:.1}, idle {:.1}, steal {:.1}",
+                o.load_us, o.upstream_us, o.idle_us, o.steal_us
+            );
         }
         if self.errors > 0 {
             line += &format!("  {} ERRORS", self.errors);
@@ -193,6 +202,16 @@ impl ScenarioResult {
         row("peak RSS MiB", &cost(|c| Some(c.peak_mib), 1));
         row("writer rows/s", &cost(|c| c.recording.map(|r| r.rows_per_sec), 0));
         row("PostgreSQL CPU µs/req", &cost(|c| c.recording.map(|r| r.postgres_cpu_us_per_req), 1));
+        let others = |figure: fn(&OthersPerCall) -> f64| {
+            move |_: Target, runs: &[RunResult]| {
+                let values: Vec<f64> = runs.iter().filter_map(|r| r.others.as_ref().map(figure)).collect();
+                if values.is_empty() { "—".to_owned() } else { Spread::of(values).cell(1) }
+            }
+        };
+        row("load gen CPU µs/req", &others(|o| o.load_us));
+        row("upstream CPU µs/req", &others(|o| o.upstream_us));
+        row("idle CPU µs/req", &others(|o| o.idle_us));
+        row("steal CPU µs/req", &others(|o| o.steal_us));
         row("rows lost (sum)", &|_, runs: &[RunResult]| {
             let recs: Vec<RecordingFigures> = runs.iter().filter_map(|r| r.cost.as_ref()?.recording).collect();
             if recs.is_empty() { "—".to_owned() } else { recs.iter().map(|r| r.lost).sum::<i64>().to_string() }
