@@ -305,6 +305,24 @@ def check_overlay(name: str, docs: list[dict], kustomize: list[str], versions: l
         checks.expect(bool(p19530) and ports.get(p19530[0].get("targetPort")) == 19538,
                       f"{where}: Service milvus-proxy 19530 -> sidecar 19538")
 
+    # PostgreSQL keeps off the proxy's nodes where it can: its batch bursts would share the
+    # proxy's cores. The term must select the proxy pods as the Milvus chart labels them.
+    for (kind, pg_name), pg in by_id.items():
+        if kind == "StatefulSet":
+            affinity = pg["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity", {})
+        elif kind == "Cluster":
+            affinity = (pg["spec"].get("affinity") or {}).get("additionalPodAntiAffinity", {})
+        else:
+            continue
+        terms = [t.get("podAffinityTerm", {}) for t in affinity.get("preferredDuringSchedulingIgnoredDuringExecution", [])]
+        avoids_proxy = any(
+            t.get("topologyKey") == "kubernetes.io/hostname"
+            and (want := (t.get("labelSelector") or {}).get("matchLabels"))
+            and all(pod_labels.get(k) == v for k, v in want.items())
+            for t in terms
+        )
+        checks.expect(avoids_proxy, f"{where}: {kind} {pg_name} prefers nodes without the proxy pods")
+
     # The ServiceMonitor finds a Service with its port.
     for (kind, sm_name), sm in by_id.items():
         if kind != "ServiceMonitor":
