@@ -90,6 +90,11 @@ pub enum Gathered {
 impl Gathered {
     /// `expected` is the whole body's size when known, to allocate once.
     pub fn push(&mut self, chunk: Bytes, expected: usize) {
+        // Clients may end a stream with an empty DATA frame (tonic does, after every
+        // request): it must not turn one chunk into a copy.
+        if chunk.is_empty() {
+            return;
+        }
         *self = match std::mem::take(self) {
             Gathered::Empty => Gathered::One(chunk),
             Gathered::One(first) => {
@@ -245,6 +250,22 @@ mod tests {
         g.push(Bytes::from_static(b"cd"), 4);
         assert_eq!(g.as_slice(), b"abcd");
         assert_eq!(g.freeze(), Bytes::from_static(b"abcd"));
+    }
+
+    #[test]
+    fn an_empty_chunk_after_the_body_copies_nothing() {
+        let body = Bytes::from(vec![7u8; 3000]);
+        let mut g = Gathered::default();
+        g.push(body.clone(), 3000);
+        g.push(Bytes::new(), 3000);
+        assert!(matches!(g, Gathered::One(_)));
+        assert_eq!(g.freeze().as_ptr(), body.as_ptr(), "the body's own buffer, not a copy");
+
+        let mut g = Gathered::default();
+        g.push(Bytes::new(), 0);
+        assert!(g.is_empty());
+        g.push(body.clone(), 3000);
+        assert_eq!(g.freeze().as_ptr(), body.as_ptr());
     }
 
     #[test]
