@@ -24,16 +24,21 @@ pub fn usage(pids: &[u32]) -> Result<Usage> {
     for &pid in pids {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
             .with_context(|| format!("reading /proc/{pid}/stat: has the process died?"))?;
-        let fields = stat_fields(&stat);
-        // utime and stime (fields 14 and 15 of the whole line) are the 12th and 13th after the
-        // command name's closing parenthesis, counting the state as the 1st.
-        let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?) };
-        total.cpu_secs += (ticks(11)? + ticks(12)?) as f64 / clock_ticks_per_sec();
+        total.cpu_secs += cpu_secs(&stat)?;
         let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
         total.rss_kib += status_kib(&status, "VmRSS:")?;
         total.peak_kib += status_kib(&status, "VmHWM:")?;
     }
     Ok(total)
+}
+
+/// User plus system CPU seconds of a `/proc/PID/stat` (or `/proc/PID/task/TID/stat`) line.
+fn cpu_secs(stat: &str) -> Result<f64> {
+    let fields = stat_fields(stat);
+    // utime and stime (fields 14 and 15 of the whole line) are the 12th and 13th after the
+    // command name's closing parenthesis, counting the state as the 1st.
+    let ticks = |i: usize| -> Result<u64> { Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?) };
+    Ok((ticks(11)? + ticks(12)?) as f64 / clock_ticks_per_sec())
 }
 
 /// CPU seconds of each of `pids` that is alive (those that are not are left out).
@@ -59,10 +64,9 @@ fn own_threads_cpu(name: &str) -> (f64, f64) {
     let mut split = (0.0, 0.0);
     for task in tasks.filter_map(|entry| entry.ok()) {
         let path = task.path();
-        let Ok(stat) = fs::read_to_string(path.join("stat")) else { continue };
-        let fields = stat_fields(&stat);
-        let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
-        let secs = (ticks(11) + ticks(12)) as f64 / clock_ticks_per_sec();
+        let Some(secs) = fs::read_to_string(path.join("stat")).ok().and_then(|stat| cpu_secs(&stat).ok()) else {
+            continue;
+        };
         let comm = fs::read_to_string(path.join("comm")).unwrap_or_default();
         if comm.trim_end() == name {
             split.0 += secs;
