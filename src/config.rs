@@ -220,6 +220,12 @@ pub struct RecordingArgs {
     /// durable: committed to PostgreSQL, or written and fsynced to the spill file.
     #[arg(long, env = "MILVUS_SIDECAR_DURABLE_RECORDS")]
     pub durable_records: bool,
+
+    /// Keep the record writer's thread at normal CPU priority. By default it runs at idle
+    /// priority (SCHED_IDLE) while it keeps up, where the process may raise it back when
+    /// records back up (CAP_SYS_NICE, or an RLIMIT_NICE of 20 or more).
+    #[arg(long, env = "MILVUS_SIDECAR_RECORDER_NORMAL_PRIORITY")]
+    pub recorder_normal_priority: bool,
 }
 
 /// Everything `serve` needs. Tests build it with [`Config::local`].
@@ -481,6 +487,7 @@ impl Config {
                 spill_dir: std::env::temp_dir().join("milvus-sidecar-spill"),
                 spill_max_bytes: 1 << 30,
                 durable_records: false,
+                recorder_normal_priority: false,
             },
             auth: AuthArgs { no_auth: true, ..AuthArgs::default() },
             telemetry: TelemetryArgs { metrics_collection_limit: 20, ..TelemetryArgs::default() },

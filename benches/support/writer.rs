@@ -60,6 +60,7 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
         spill_dir: spill_dir.clone(),
         spill_max_bytes: 0,
         durable_records: false,
+        recorder_normal_priority: false,
     };
     let recording = Recording::start(pg, settings, &args).await?;
     let template = search_facts(user, collection);

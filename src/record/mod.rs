@@ -6,6 +6,7 @@
 //! status is held back from the client until the writer reports its records durable
 //! (committed, or fsynced to the spill file); see [`Recorder::record_durably`].
 
+mod priority;
 pub mod rows;
 mod scrub;
 mod spill;
@@ -133,8 +134,11 @@ impl Recording {
         // by themselves, from the calls that end while the previous one commits.
         let flush_interval = if durable { std::time::Duration::ZERO } else { args.flush_interval };
         let write_timeout = args.write_timeout;
+        // Calls wait for durable records: their writer must not give way to them.
+        let yields = !durable && !args.recorder_normal_priority;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         std::thread::Builder::new().name("recorder".into()).spawn(move || {
+            let priority = if yields { priority::Priority::adaptive() } else { priority::Priority::fixed() };
             runtime.block_on(async move {
                 let writer = writer::Writer {
                     // Its connections' tasks run on this thread's runtime. A query to test
@@ -153,6 +157,8 @@ impl Recording {
                     retry_at: tokio::time::Instant::now(),
                     durable,
                     spill_full: false,
+                    priority,
+                    normal_until: tokio::time::Instant::now(),
                 };
                 writer.run(rx, finish_rx).await;
                 let _ = done.send(());

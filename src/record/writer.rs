@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::Transaction;
 
+use super::priority::Priority;
 use super::rows::Record;
 use super::spill::Spill;
 use super::{Queued, Stats};
@@ -38,6 +39,11 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(1);
 /// for the next one.
 const RETRY_CHECKOUT_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// A batch that takes this much longer than the flush interval, from its first record to
+/// its commit, keeps the writer at normal priority for [`STAY_NORMAL`].
+const SLOW_BATCH: Duration = Duration::from_millis(100);
+const STAY_NORMAL: Duration = Duration::from_secs(10);
+
 pub struct Writer {
     pub pool: Pool,
     pub settings: Arc<Settings>,
@@ -58,6 +64,10 @@ pub struct Writer {
     pub durable: bool,
     /// The last append found the spill file at its cap (`--spill-max-bytes`).
     pub spill_full: bool,
+    /// The thread's CPU priority, lowered while the writer keeps up.
+    pub priority: Priority,
+    /// No idle priority before this: a batch took far longer than its interval.
+    pub normal_until: Instant,
 }
 
 enum WriteError {
@@ -84,6 +94,7 @@ impl Writer {
                 _ = retry => {}
                 _ = &mut finish, if !finishing => finishing = true,
             }
+            let started = Instant::now();
             let filling = !pending.is_empty() && queue.len() + pending.len() < self.batch_rows;
             if !finishing && filling && !self.flush_interval.is_zero() {
                 tokio::select! {
@@ -95,6 +106,7 @@ impl Writer {
             // Falling behind: everything queued goes to disk in this one round; shutting
             // down: everything queued is written, and the writer stops.
             let backlog = queue.len();
+            self.priority.keep_up(self.behind(backlog));
             let take_all = finishing || backlog > self.queue_capacity / 2;
             while take_all || pending.len() < self.batch_rows {
                 match queue.try_recv() {
@@ -111,6 +123,11 @@ impl Writer {
                 break;
             }
             self.flush(&mut pending, backlog).await;
+            // A batch far slower than its interval: PostgreSQL slow, or this thread starved
+            // of CPU at idle priority. Either way the writer stays at normal priority a while.
+            if started.elapsed() > self.flush_interval + SLOW_BATCH {
+                self.normal_until = Instant::now() + STAY_NORMAL;
+            }
         }
         let waiting = self.spill.waiting();
         if waiting > 0 {
@@ -301,6 +318,13 @@ impl Writer {
             Failure::Db(e) => WriteError::Rejected(crate::error_chain(&e)),
             Failure::Encode(reason) => WriteError::Rejected(reason),
         })
+    }
+
+    /// Records back up (with some slack once they have, so the priority does not flap),
+    /// or wait in the spill file to be replayed.
+    fn behind(&self, backlog: usize) -> bool {
+        let limit = if self.priority.is_idle() { self.queue_capacity / 16 } else { self.queue_capacity / 64 };
+        backlog > limit || self.spill.waiting() > 0 || Instant::now() < self.normal_until
     }
 
     async fn try_write(&mut self, records: &[Record], replay: bool) -> Result<usize, Failure> {
