@@ -42,12 +42,12 @@ impl Priority {
     /// Idle priority while `behind` is false, normal while it is true. Called from the
     /// writer's own thread.
     pub fn keep_up(&mut self, behind: bool) {
-        if !self.adaptive || self.idle != behind {
+        let idle = !behind;
+        if !self.adaptive || self.idle == idle {
             return;
         }
-        let want = if behind { Policy::Normal } else { Policy::Idle };
-        match set(want) {
-            Ok(()) => self.idle = !behind,
+        match set(if idle { Policy::Idle } else { Policy::Normal }) {
+            Ok(()) => self.idle = idle,
             Err(e) => {
                 // Not expected after the probe; whatever the cause, stop trying.
                 tracing::warn!(error = %e, "cannot change the recorder's CPU priority; it stays as it is");
