@@ -7,6 +7,7 @@ mod coalesce;
 mod error;
 pub mod grpc;
 mod inspect;
+mod link;
 mod observe;
 pub mod rewrite;
 mod scan;
@@ -28,6 +29,7 @@ use hyper::body::Incoming;
 pub use body::Body;
 pub use error::ProxyError;
 use inspect::Head;
+use link::ReplyBody;
 use observe::{CreatedHook, InFlight, Observed, Pending, ReplyCapture};
 pub use upstream::{Deadline, Upstream};
 
@@ -293,7 +295,7 @@ impl Shared {
     }
 
     /// The upstream's reply on its way to the client, observed.
-    fn observed(&self, reply: Response<Incoming>, call: InFlight) -> Response<Body> {
+    fn observed(&self, reply: Response<ReplyBody>, call: InFlight) -> Response<Body> {
         let (mut parts, inner) = reply.into_parts();
         let upstream = self.upstream.name().clone();
         let observed = Observed::new(parts.status, &mut parts.headers, inner, Pending::new(call), upstream);
@@ -303,7 +305,7 @@ impl Shared {
     /// ShowCollections for a caller who is not an admin: only what they may read.
     async fn filtered_listing(
         &self,
-        reply: Response<Incoming>,
+        reply: Response<ReplyBody>,
         call: InFlight,
         auth: &Authority,
         principal: &Principal,

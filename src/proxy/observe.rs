@@ -18,11 +18,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body as _, Frame, SizeHint};
-use hyper::body::Incoming;
 use tonic::Code;
 
 use super::grpc::{self, Gathered};
 use super::inspect::ScanResult;
+use super::link::ReplyBody;
 use crate::auth::authority::{Authority, Principal};
 use crate::facts::{CallFacts, Outcome};
 use crate::milvus::{Reply, views};
@@ -221,7 +221,7 @@ impl InFlight {
 
 /// A reply body from the upstream, observed on its way to the client.
 pub struct Observed {
-    inner: Incoming,
+    inner: ReplyBody,
     call: Pending,
     upstream: Arc<str>,
     /// Set after the sidecar ended the stream itself (upstream failure).
@@ -239,7 +239,7 @@ impl Observed {
     pub fn new(
         status: http::StatusCode,
         headers: &mut HeaderMap,
-        inner: Incoming,
+        inner: ReplyBody,
         mut call: Pending,
         upstream: Arc<str>,
     ) -> Self {
@@ -259,7 +259,7 @@ impl Observed {
         Observed { inner, call, upstream, ended: false, deferred, held: None }
     }
 
-    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if let Some((receipt, _)) = self.held.as_mut() {
             let durable = ready!(receipt.as_mut().poll(cx));
             let (_, trailers) = self.held.take().expect("held above");
@@ -306,7 +306,7 @@ impl Observed {
         &mut self,
         trailers: Frame<Bytes>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if !self.call.durable() {
             return Poll::Ready(Some(Ok(trailers)));
         }
@@ -321,7 +321,7 @@ impl Observed {
 
     /// The upstream failed mid-reply: end the client's stream with a proper gRPC status in
     /// trailers rather than a bare stream reset, so the client sees why.
-    fn broken_off(&mut self, err: &hyper::Error) -> Frame<Bytes> {
+    fn broken_off(&mut self, err: &h2::Error) -> Frame<Bytes> {
         self.ended = true;
         let status = tonic::Status::unavailable(format!(
             "upstream Milvus at {} broke off the reply: {}",

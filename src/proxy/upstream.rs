@@ -7,15 +7,10 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::Body;
-use super::coalesce::Coalescing;
 use super::error::ProxyError;
+use super::link::{Link, ReplyBody, Settings, connector};
 use crate::config::Config;
 use crate::milvus::SERVICE_PREFIX;
 
@@ -29,7 +24,7 @@ pub struct Deadline {
 #[derive(Clone)]
 pub struct Upstream {
     /// Plain HTTP/2 for an `http://` upstream, TLS for `https://`.
-    client: Client<Coalescing<HttpsConnector<HttpConnector>>, Body>,
+    link: Arc<Link>,
     scheme: Scheme,
     authority: Authority,
     /// The configured address, for messages that tell the caller what was unreachable.
@@ -48,36 +43,19 @@ const DOWN: u8 = 2;
 
 impl Upstream {
     pub fn new(config: &Config) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.upstream_connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.enforce_http(false); // https:// URIs go through it to the TLS layer
-        let tls = HttpsConnectorBuilder::new()
-            .with_tls_config(crate::tls::upstream_client_config(&config.upstream_tls))
-            .https_or_http();
-        let tls = match &config.upstream_tls.upstream_tls_server_name {
-            Some(name) => tls.with_server_name_resolver(FixedServerNameResolver::new(
-                rustls::pki_types::ServerName::try_from(name.clone()).expect("the server name was checked when parsed"),
-            )),
-            None => tls,
-        };
-        let connector = tls.enable_http2().wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            // Large inserts need big windows to stream at loopback speed; frames as on the
-            // client side (server.rs).
-            .http2_adaptive_window(true)
-            .http2_max_frame_size(Some(256 << 10))
-            // Detect a silently dead Milvus connection instead of waiting on it forever.
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(Coalescing(connector));
         let uri = &config.upstream;
+        let settings = Settings {
+            connect_timeout: config.upstream_connect_timeout,
+            // Detect a silently dead Milvus connection instead of waiting on it forever.
+            keep_alive_interval: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
+        };
         Upstream {
-            client,
+            link: Arc::new(Link::new(
+                connector(&config.upstream_tls, config.upstream_connect_timeout),
+                uri.clone(),
+                settings,
+            )),
             scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority: uri.authority().cloned().expect("config validated the upstream has an authority"),
             name: Arc::from(uri.to_string().trim_end_matches('/')),
@@ -106,7 +84,7 @@ impl Upstream {
         &self,
         mut request: Request<Body>,
         deadline: Option<Deadline>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ReplyBody>, ProxyError> {
         let mut parts = request.uri().clone().into_parts();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
@@ -122,7 +100,7 @@ impl Upstream {
             (None, Some(t)) => Some(Deadline { after: t, source: "--upstream-timeout" }),
             (None, None) => None,
         };
-        let call = self.client.request(request);
+        let call = self.link.send(request);
         let reply =
             match limit {
                 Some(limit) => tokio::time::timeout(limit.after, call).await.map_err(|_| {
