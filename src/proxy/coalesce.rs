@@ -1,9 +1,9 @@
 //! One write per burst of HTTP/2 frames on the upstream connection.
 //!
-//! The HTTP/2 client flushes its socket after every DATA frame it queues, and a request's
-//! headers go out in one poll of the connection, its body in the next: a small Search
-//! left in two `writev`s (two segments the upstream wakes up for), a 4 MiB Insert in 260,
-//! one per 16 KiB frame (the frame size Milvus allows). This wrapper keeps what is
+//! h2 flushes its socket after every DATA frame it queues, and a streamed body's frames come
+//! from the pipe task one turn at a time: a 4 MiB Insert left in 260 `writev`s, one per
+//! 16 KiB frame (the frame size Milvus allows), each a segment the upstream wakes up for
+//! (with hyper's client, a small Search also left in two, headers and body). This wrapper keeps what is
 //! written up to [`CAPACITY`] and treats a flush after a write as a hint only: it asks for
 //! the connection to be polled again, and writes when a flush comes with nothing written
 //! since the last one, after [`MAX_DEFERRALS`] put-off flushes, or when full. Every poll
@@ -18,7 +18,6 @@ use futures_util::TryFutureExt;
 use futures_util::future::MapOk;
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 
 /// Bytes gathered before they are written without waiting for a flush.
 pub const CAPACITY: usize = 64 << 10;
@@ -122,12 +121,6 @@ impl<T: Write + Unpin> Write for Coalesce<T> {
 impl<T: Read + Unpin> Read for Coalesce<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: Connection> Connection for Coalesce<T> {
-    fn connected(&self) -> Connected {
-        self.inner.connected()
     }
 }
 

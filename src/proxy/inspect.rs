@@ -201,7 +201,8 @@ impl Streamed {
         Poll::Ready(Some(Ok(frame)))
     }
 
-    /// Ends the upstream request with an error (hyper resets the stream), keeping why.
+    /// Ends the upstream request with an error (the pipe in `link.rs` resets the stream),
+    /// keeping why.
     fn break_off(&mut self, why: ProxyError) -> Polled {
         self.scan = None;
         let message = why.to_string();
