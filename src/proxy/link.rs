@@ -259,24 +259,28 @@ async fn pipe(mut body: Body, mut stream: SendStream<Bytes>) {
     loop {
         // At most one frame waits in h2 beyond what the window lets out.
         stream.reserve_capacity(1);
-        let ready = poll_fn(|cx| {
-            if let Poll::Ready(reset) = stream.poll_reset(cx) {
-                return Poll::Ready(Err(reset.map_or_else(|e| e.to_string(), |r| format!("reset by Milvus: {r}"))));
+        let window = poll_fn(|cx| {
+            if stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(false);
             }
             if stream.capacity() > 0 {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(true);
             }
-            match ready!(stream.poll_capacity(cx)) {
-                Some(Ok(_)) => Poll::Ready(Ok(())),
-                Some(Err(e)) => Poll::Ready(Err(e.to_string())),
-                None => Poll::Ready(Err("the stream closed".to_owned())),
-            }
+            Poll::Ready(matches!(ready!(stream.poll_capacity(cx)), Some(Ok(_))))
         })
         .await;
-        if ready.is_err() {
+        if !window {
             return;
         }
-        let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        // A Milvus that resets the stream meanwhile ends the wait for the client's next frame.
+        let frame = poll_fn(|cx| {
+            if stream.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let Some(frame) = frame else { return };
         let sent = match frame {
             None => stream.send_data(Bytes::new(), true).map(|()| true),
             Some(Err(_)) => {
