@@ -3,12 +3,12 @@
 //! h2 flushes its socket after every DATA frame it queues, and a streamed body's frames come
 //! from the pipe task one turn at a time: a 4 MiB Insert left in 260 `writev`s, one per
 //! 16 KiB frame (the frame size Milvus allows), each a segment the upstream wakes up for
-//! (with hyper's client, a small Search also left in two, headers and body). This wrapper keeps what is
-//! written up to [`CAPACITY`] and treats a flush after a write as a hint only: it asks for
-//! the connection to be polled again, and writes when a flush comes with nothing written
-//! since the last one, after [`MAX_DEFERRALS`] put-off flushes, or when full. Every poll
-//! of the connection ends with a flush, so nothing waits more than a few turns of the
-//! task; writes of `CAPACITY` or more go straight through, uncopied.
+//! (with hyper's client, a small Search also left in two, headers and body). This wrapper
+//! keeps what is written up to [`CAPACITY`] and treats a flush after a write as a hint
+//! only: it asks for the connection to be polled again, and writes when a flush comes with
+//! nothing written since the last one, after [`MAX_DEFERRALS`] put-off flushes, or when
+//! full. Every poll of the connection ends with a flush, so nothing waits more than a few
+//! turns of the task; writes of `CAPACITY` or more go straight through, uncopied.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
