@@ -14,9 +14,6 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use futures_util::TryFutureExt;
-use futures_util::future::MapOk;
-use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 
 /// Bytes gathered before they are written without waiting for a flush.
@@ -121,24 +118,6 @@ impl<T: Write + Unpin> Write for Coalesce<T> {
 impl<T: Read + Unpin> Read for Coalesce<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-/// A connector whose connections coalesce their writes.
-#[derive(Clone)]
-pub struct Coalescing<C>(pub C);
-
-impl<C: tower_service::Service<Uri>> tower_service::Service<Uri> for Coalescing<C> {
-    type Response = Coalesce<C::Response>;
-    type Error = C::Error;
-    type Future = MapOk<C::Future, fn(C::Response) -> Coalesce<C::Response>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        self.0.call(uri).map_ok(Coalesce::new as fn(C::Response) -> Coalesce<C::Response>)
     }
 }
 

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Reason, RecvStream, SendStream};
 use http::{Request, Response, Uri};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Body as _, Frame};
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
@@ -27,13 +27,13 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::body::Body;
-use super::coalesce::{Coalesce, Coalescing};
+use super::coalesce::Coalesce;
 use crate::config::UpstreamTlsArgs;
 
-pub type Connector = Coalescing<HttpsConnector<HttpConnector>>;
+pub type Connector = HttpsConnector<HttpConnector>;
 type Io = TokioIo<Coalesce<MaybeHttpsStream<TokioIo<TcpStream>>>>;
 
-/// Plain TCP for an `http://` upstream, TLS for `https://`; writes coalesced either way.
+/// Plain TCP for an `http://` upstream, TLS for `https://`.
 pub fn connector(tls: &UpstreamTlsArgs, connect_timeout: Duration) -> Connector {
     let mut tcp = HttpConnector::new();
     tcp.set_nodelay(true);
@@ -47,7 +47,7 @@ pub fn connector(tls: &UpstreamTlsArgs, connect_timeout: Duration) -> Connector 
         )),
         None => builder,
     };
-    Coalescing(builder.enable_http2().wrap_connector(tcp))
+    builder.enable_http2().wrap_connector(tcp)
 }
 
 /// How the connection is made and kept.
@@ -136,7 +136,7 @@ impl Link {
         let mut sender = match sender.ready().await {
             Ok(sender) => sender,
             Err(closed) => {
-                self.forget(generation);
+                forget(&self.current, generation);
                 tracing::debug!(error = %closed, "the upstream connection closed; connecting again");
                 self.live().await?.sender.ready().await?
             }
@@ -187,18 +187,20 @@ impl Link {
         }
         .await
         .map_err(|e| LinkError::Connect(crate::error_chain(&*e)))?;
-        let (sender, connection) = self.h2.handshake::<Io, Bytes>(TokioIo::new(io)).await?;
+        // Writes coalesced: see coalesce.rs.
+        let io = TokioIo::new(Coalesce::new(io));
+        let (sender, connection) = self.h2.handshake::<Io, Bytes>(io).await?;
         let generation = next_generation();
         tokio::spawn(drive(connection, self.open.clone(), self.settings, self.current.clone(), generation));
         Ok(Live { sender, generation })
     }
+}
 
-    /// Drops the handle of a connection that was found closed (unless a newer one is there).
-    fn forget(&self, generation: u64) {
-        let mut current = self.current.lock().expect("never poisoned");
-        if current.as_ref().is_some_and(|live| live.generation == generation) {
-            *current = None;
-        }
+/// Drops the handle of a connection that closed, unless a newer one is there already.
+fn forget(current: &Mutex<Option<Live>>, generation: u64) {
+    let mut current = current.lock().expect("never poisoned");
+    if current.as_ref().is_some_and(|live| live.generation == generation) {
+        *current = None;
     }
 }
 
@@ -224,10 +226,7 @@ async fn drive(
     if let Err(reason) = outcome {
         tracing::warn!(%reason, "the upstream connection ended");
     }
-    let mut current = current.lock().expect("never poisoned");
-    if current.as_ref().is_some_and(|live| live.generation == generation) {
-        *current = None;
-    }
+    forget(&current, generation);
 }
 
 /// Returns why the connection should be given up. Pings only while calls are open: Milvus
@@ -347,10 +346,6 @@ impl http_body::Body for ReplyBody {
 
     fn is_end_stream(&self) -> bool {
         self.done || self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 
