@@ -79,10 +79,12 @@ RUN_DATABASE_URL=""
 # The Ir total of a callgrind output file.
 total_ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 
-# The calls a sidecar has counted so far (its admin address is on its command line).
+# The calls a sidecar has counted so far (its admin address is on its command line). A
+# sidecar that is gone leaves its bench's log ($2) as the reason.
 calls_of() {
     local admin
-    admin="$(tr '\0' ' ' <"/proc/$1/cmdline" | grep -oP -- '--admin-listen \K\S+')"
+    admin="$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -oP -- '--admin-listen \K\S+' || true)"
+    [[ -n "$admin" ]] || { cat "$2" >&2; die "the sidecar under callgrind (pid $1) is gone; its bench's output is above"; }
     "$(_lib_python)" -c 'import sys, urllib.request
 text = urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=5).read().decode()
 print(int(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith("milvus_sidecar_calls_total{"))))' "$admin"
@@ -116,17 +118,17 @@ measure_sidecar() {
     done
     # The load reaches this target once the direct run is over: wait for calls to flow.
     for _ in $(seq 1 600); do
-        a="$(calls_of "$pid")"
+        a="$(calls_of "$pid" "$out")"
         sleep 1
-        b="$(calls_of "$pid")"
+        b="$(calls_of "$pid" "$out")"
         ((b - a > 20)) && break
     done
     sleep 3
     callgrind_control -d "$pid" >/dev/null 2>&1
-    n1="$(calls_of "$pid")"
+    n1="$(calls_of "$pid" "$out")"
     sleep "$WINDOW"
     callgrind_control -d "$pid" >/dev/null 2>&1
-    n2="$(calls_of "$pid")"
+    n2="$(calls_of "$pid" "$out")"
     wait "$BENCH_PID" || { cat "$out"; die "the bench failed"; }
     ir="$(total_ir "$WORK/cg.$pid.2")"
     if [[ -n "${BENCH_CALLGRIND_KEEP:-}" ]]; then

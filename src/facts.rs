@@ -2,10 +2,10 @@
 //! it took. Built by the proxy, handed to a [`crate::record::Recorder`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
-use http::uri::PathAndQuery;
 use uuid::Uuid;
 
 use crate::milvus::Rpc;
@@ -50,19 +50,37 @@ impl CallFacts {
     }
 }
 
-/// The called method. Kept as the request's path (a cheap, shared clone) so that methods
-/// this build has never heard of are still named exactly.
-#[derive(Debug, Clone)]
-pub struct Method {
-    pub rpc: Option<Rpc>,
-    pub path: PathAndQuery,
+/// The called method: one this build inspects, or any other by a copy of its path, so
+/// that methods this build has never heard of are still named exactly. (The request's own
+/// path points into the connection's read buffer, which a record waiting in the writer's
+/// queue must not pin.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    Inspected(Rpc),
+    Other(Arc<str>),
 }
 
 impl Method {
+    pub fn from_path(path: &str) -> Self {
+        match Rpc::from_path(path) {
+            Some(rpc) => Method::Inspected(rpc),
+            None => Method::Other(Arc::from(path)),
+        }
+    }
+
+    pub fn rpc(&self) -> Option<Rpc> {
+        match self {
+            Method::Inspected(rpc) => Some(*rpc),
+            Method::Other(_) => None,
+        }
+    }
+
     /// The last path segment: `Search` for `/milvus.proto.milvus.MilvusService/Search`.
     pub fn name(&self) -> &str {
-        let path = self.path.path();
-        path.rsplit_once('/').map_or(path, |(_, name)| name)
+        match self {
+            Method::Inspected(rpc) => rpc.name(),
+            Method::Other(path) => path.rsplit_once('/').map_or(path, |(_, name)| name),
+        }
     }
 }
 
@@ -207,5 +225,17 @@ mod tests {
         assert!(a < later && same_ms < later);
         let (secs, _) = a.get_timestamp().expect("v7 carries a timestamp").to_unix();
         assert_eq!(secs, t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
+    }
+
+    #[test]
+    fn methods_are_named_by_the_last_segment_of_their_path() {
+        let search = Method::from_path("/milvus.proto.milvus.MilvusService/Search");
+        assert_eq!((search.rpc(), search.name()), (Some(Rpc::Search), "Search"));
+        // A method newer than this build, or of another service: named as the client called it.
+        let newer = Method::from_path("/milvus.proto.milvus.MilvusService/RunAnalyzer");
+        assert_eq!((newer.rpc(), newer.name()), (None, "RunAnalyzer"));
+        let other = Method::from_path("/grpc.health.v1.Health/Check");
+        assert_eq!((other.rpc(), other.name()), (None, "Check"));
+        assert_eq!(Method::from_path("unrooted").name(), "unrooted");
     }
 }

@@ -98,7 +98,7 @@ async fn unknown_method_bytes_metadata_and_trailers_arrive_unchanged() {
     let facts = sidecar.captured.wait_for("SomeMethodFromMilvus9").await;
     assert_eq!(facts.database, "analytics");
     assert!(facts.outcome.is_success());
-    assert_eq!(facts.method.rpc, None);
+    assert_eq!(facts.method.rpc(), None);
 }
 
 #[tokio::test]

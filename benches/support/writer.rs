@@ -17,7 +17,6 @@ use milvus_sidecar::config::RecordingArgs;
 use milvus_sidecar::facts::{
     CallFacts, Client, Method, Outcome, ReplyDetail, RequestDetail, RequestFacts, SearchFacts,
 };
-use milvus_sidecar::milvus::Rpc;
 use milvus_sidecar::record::{Recorder, Recording};
 use milvus_sidecar::settings::Settings;
 use milvus_sidecar::store::{self, system_config};
@@ -144,12 +143,11 @@ fn fresh(template: &CallFacts) -> CallFacts {
 
 /// What the proxy learns from one successful pymilvus Search of the bench.
 fn search_facts(user: &str, collection: &str) -> CallFacts {
-    let path = http::uri::PathAndQuery::from_static(crate::load::SEARCH_PATH);
     CallFacts {
         id: uuid::Uuid::now_v7(),
         started_at: SystemTime::now(),
         duration: Duration::from_micros(180),
-        method: Method { rpc: Rpc::from_path(path.path()), path },
+        method: Method::from_path(crate::load::SEARCH_PATH),
         database: "default".into(),
         request: RequestFacts {
             database: None,

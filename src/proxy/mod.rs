@@ -137,9 +137,9 @@ impl Shared {
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
         prepare_for_upstream(&mut parts.headers);
-        let rpc = Rpc::from_path(parts.uri.path());
-        let mut call = self.start_call(rpc, &parts, peer, started);
-        let method = call.facts.method.clone();
+        let method = Method::from_path(parts.uri.path());
+        let rpc = method.rpc();
+        let mut call = self.start_call(method.clone(), &parts, peer, started);
 
         // The user on the call's record: the verified one, else who the header claims to be
         // (a refused login is audited under the name it tried).
@@ -370,24 +370,11 @@ impl Shared {
         }
     }
 
-    fn start_call(
-        &self,
-        rpc: Option<Rpc>,
-        parts: &http::request::Parts,
-        peer: SocketAddr,
-        started: Instant,
-    ) -> InFlight {
+    fn start_call(&self, method: Method, parts: &http::request::Parts, peer: SocketAddr, started: Instant) -> InFlight {
         let headers = &parts.headers;
         let database = crate::auth::identity::database(headers);
-        // The path and header values point into the connection's read buffer: the record,
-        // which may wait in the writer's queue, gets copies rather than pin that buffer.
-        let path = parts
-            .uri
-            .path_and_query()
-            .and_then(|p| {
-                http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(p.as_str().as_bytes())).ok()
-            })
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        // The header values point into the connection's read buffer: the record, which may
+        // wait in the writer's queue, gets copies rather than pin that buffer.
         let detached = |v: &http::HeaderValue| http::HeaderValue::from_bytes(v.as_bytes()).ok();
         self.telemetry.call_started();
         let started_at = SystemTime::now();
@@ -396,7 +383,7 @@ impl Shared {
                 id: crate::facts::call_id(started_at),
                 started_at,
                 duration: Default::default(),
-                method: Method { rpc, path },
+                method,
                 database: database.to_owned(),
                 request: Default::default(),
                 reply: Default::default(),

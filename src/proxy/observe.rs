@@ -24,8 +24,8 @@ use super::grpc::{self, Gathered};
 use super::inspect::ScanResult;
 use super::link::ReplyBody;
 use crate::auth::authority::{Authority, Principal};
-use crate::facts::{CallFacts, Outcome};
-use crate::milvus::{Reply, views};
+use crate::facts::{CallFacts, Method, Outcome};
+use crate::milvus::{Reply, Rpc, views};
 use crate::record::{NotDurable, Receipt, Recorder};
 use crate::telemetry::Telemetry;
 
@@ -159,7 +159,7 @@ impl InFlight {
         }
         if let Some(hook) = self.on_created.take()
             && self.facts.outcome.is_success()
-            && self.facts.method.rpc == Some(crate::milvus::Rpc::CreateCollection)
+            && self.facts.method == Method::Inspected(Rpc::CreateCollection)
             && let Some(collection) = &self.facts.request.collection
         {
             hook.authority.note_created(&hook.principal, &self.facts.database, collection);
@@ -195,7 +195,7 @@ impl InFlight {
     /// What a streamed request said after its rows (an insert's `num_rows`) is known once
     /// it has all gone upstream.
     fn read_streamed_request(&mut self, scan: &ScanResult) {
-        let (Some(Ok(scanned)), Some(rpc)) = (scan.get(), self.facts.method.rpc) else { return };
+        let (Some(Ok(scanned)), Some(rpc)) = (scan.get(), self.facts.method.rpc()) else { return };
         self.facts.request_bytes = scanned.bytes;
         match views::read_request(rpc.request(), &scanned.sketch) {
             Ok(facts) => self.facts.set_request(facts),

@@ -174,7 +174,7 @@ fn perf_row(f: &CallFacts, method: &str) -> PerfRow {
 
 /// Takes the filter and output fields out of `f`: nothing reads them after this row.
 fn query_row(f: &mut CallFacts) -> Option<QueryRow> {
-    let query_type = match f.method.rpc? {
+    let query_type = match f.method.rpc()? {
         Rpc::Search => "search",
         Rpc::HybridSearch => "hybrid_search",
         Rpc::Query => "query",
@@ -224,7 +224,7 @@ fn non_empty(s: &mut String) -> Option<String> {
 }
 
 fn ingestion_row(f: &CallFacts) -> Option<IngestionRow> {
-    let operation = match f.method.rpc? {
+    let operation = match f.method.rpc()? {
         Rpc::Insert => "insert",
         Rpc::Upsert => "upsert",
         Rpc::Delete => "delete",
@@ -313,7 +313,7 @@ fn audit_row(f: &CallFacts, method: &str) -> AuditRow {
 fn mirror_op(f: &CallFacts) -> Option<MirrorOp> {
     let database = f.database.clone();
     let collection = f.request.collection.clone();
-    let op = match (f.method.rpc?, &f.request.detail) {
+    let op = match (f.method.rpc()?, &f.request.detail) {
         (Rpc::CreateCollection, RequestDetail::CreateCollection { schema, shards }) => {
             let (dimension, fields, description) = read_schema(schema);
             MirrorOp::CreateCollection {
