@@ -20,6 +20,8 @@ pub struct App {
     /// None when recording is off (`--no-recording`).
     pub recording: Option<Recording>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// Calls in progress, as `/metrics` reports them.
+    pub calls_in_flight: prometheus::IntGauge,
 }
 
 impl App {
@@ -86,8 +88,9 @@ impl App {
         if auth.is_none() {
             tracing::warn!("authentication is OFF (--no-auth): every call is forwarded without checks");
         }
+        let calls_in_flight = telemetry.metrics.calls_in_flight();
         let running = start(config, recorder, telemetry, settings.clone(), auth).await?;
-        Ok(App { running, settings, recording, background })
+        Ok(App { running, settings, recording, background, calls_in_flight })
     }
 
     /// Drains in-flight calls, then writes (or spills) every queued record.

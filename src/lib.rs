@@ -4,6 +4,7 @@
 pub mod admin;
 mod app;
 pub mod auth;
+pub mod busy_poll;
 pub mod cli;
 pub mod config;
 pub mod facts;

@@ -1,7 +1,9 @@
 use clap::Parser;
 use milvus_sidecar::App;
+use milvus_sidecar::busy_poll::BusyPoll;
 use milvus_sidecar::config::{Cli, Command, Config, DatabaseArgs, LogFormat, SyncArgs};
 use std::process::ExitCode;
+use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc rather than glibc's malloc. `perf` of the sidecar at 32 concurrent searches had
@@ -66,7 +68,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Serve(config) => runtime(config.worker_threads).and_then(|rt| rt.block_on(serve(*config))),
+        Command::Serve(config) => serve_runtime(&config).and_then(|(rt, busy)| rt.block_on(serve(*config, busy))),
         Command::Migrate(database) => runtime(1).and_then(|rt| rt.block_on(migrate(database))),
         Command::Sync(args) => runtime(1).and_then(|rt| rt.block_on(sync(args))),
         // Administration commands report their own errors and choose their exit status.
@@ -99,6 +101,25 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(builder(worker_threads).build()?)
+}
+
+/// The calls' runtime, spinning before it parks with `--busy-poll`.
+fn serve_runtime(config: &Config) -> anyhow::Result<(tokio::runtime::Runtime, Option<Arc<BusyPoll>>)> {
+    if config.busy_poll.is_zero() {
+        return Ok((runtime(config.worker_threads)?, None));
+    }
+    if config.worker_threads != 1 {
+        anyhow::bail!(
+            "--busy-poll needs --worker-threads 1: with more, the threads that do not hold the epoll instance would spin for nothing"
+        );
+    }
+    let busy = BusyPoll::new(config.busy_poll);
+    let runtime = busy.build(&mut builder(1))?;
+    Ok((runtime, Some(busy)))
+}
+
+fn builder(worker_threads: usize) -> tokio::runtime::Builder {
     let mut builder = match worker_threads {
         // One thread runs everything: no call hops between threads on its way through.
         1 => tokio::runtime::Builder::new_current_thread(),
@@ -109,12 +130,24 @@ fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
             builder
         }
     };
-    Ok(builder.enable_all().build()?)
+    builder.enable_all();
+    builder
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, busy: Option<Arc<BusyPoll>>) -> anyhow::Result<()> {
     let upstream = config.upstream.clone();
+    let window = config.busy_poll;
     let app = App::start(config).await?;
+    if let Some(busy) = busy
+        && busy.active()
+    {
+        busy.watch_calls(app.calls_in_flight.clone());
+        tracing::info!(
+            window = ?window,
+            max_calls_in_flight = milvus_sidecar::busy_poll::MAX_CALLS_IN_FLIGHT,
+            "busy polling: the call thread polls before it sleeps while few calls are in flight"
+        );
+    }
     tracing::info!(
         listen = %app.running.listen_addr,
         admin = %app.running.admin_addr,

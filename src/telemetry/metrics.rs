@@ -110,6 +110,11 @@ const OTHER: &str = "other";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Metrics {
+    /// The gauge of calls in progress (`milvus_sidecar_inflight_calls`).
+    pub fn calls_in_flight(&self) -> IntGauge {
+        self.inflight.clone()
+    }
+
     pub fn new(args: &TelemetryArgs) -> Self {
         let registry = Registry::new();
         let calls = IntCounterVec::new(
