@@ -1,9 +1,11 @@
 //! What the sidecar costs, side by side with the alternatives (issue 6). The same pymilvus-shaped
-//! load goes to a fast fake Milvus four ways, alternated round by round:
+//! load goes to a fast fake Milvus five ways, alternated round by round:
 //!
 //! - `direct`: load generator → upstream;
 //! - `sidecar`: → milvus-sidecar with authentication (a cached credential of a user with role
 //!   `user`), the per-collection permission check and recording into PostgreSQL all on → upstream;
+//! - `sidecar-busy`: the same with `--busy-poll 100us` (its call thread polls before it sleeps,
+//!   for latency at low concurrency, at the cost of CPU);
 //! - `sidecar-norec`: → milvus-sidecar `--no-recording --no-auth` (forwarding alone: the binary
 //!   cannot check credentials without PostgreSQL, so recording off means auth off too);
 //! - `nginx`: → Debian's nginx as a plain `grpc_pass` proxy with upstream keepalive and no
@@ -30,17 +32,17 @@
 //!   Insert of about `<size>` bytes, a number with `k` or `m`, at concurrency N, 4 if not
 //!   given), e.g. `search-c8,insert-1m-c16`. The issue's targets are judged on the four
 //!   default names only.
-//! - `--targets LIST` / `BENCH_TARGETS` (`direct,sidecar,sidecar-norec,nginx`).
+//! - `--targets LIST` / `BENCH_TARGETS` (`direct,sidecar,sidecar-busy,sidecar-norec,nginx`).
 //! - `--writer-calls N` / `BENCH_WRITER_CALLS` (100000): Search records in the writer's backlog
 //!   (2 rows each); 0 skips that measurement.
 //! - `BENCH_NGINX_BIN` (nginx on PATH or /usr/sbin), `BENCH_NGINX_WORKERS` (`auto`).
 //! - `MILVUS_LITE_BIN` (else `.venv/bin/milvus-lite`): the lite scenario runs when it exists.
 //! - `BENCH_SIDECAR_BIN`: use this binary instead of the `milvus-sidecar` cargo built for the bench.
-//! - `BENCH_SIDECAR_ARGS`: extra arguments for both sidecars' `serve`, split on whitespace.
+//! - `BENCH_SIDECAR_ARGS`: extra arguments for every sidecar's `serve`, split on whitespace.
 //! - `BENCH_STARTUP_SECS` (30): how long a sidecar may take to become healthy.
 //! - `DATABASE_URL`: the database the sidecar records into and reads users from (migrated by
-//!   the sidecar; a fresh one is best). Without it the `sidecar` target and the writer
-//!   measurement are skipped.
+//!   the sidecar; a fresh one is best). Without it the `sidecar` and `sidecar-busy` targets and
+//!   the writer measurement are skipped.
 
 /// The sidecar binary's allocator (src/main.rs), so that the measures made in this process
 /// (the writer backlog, the permission check) run on the allocator the sidecar runs on. The
@@ -94,6 +96,8 @@ const BENCH_USER: &str = "bench";
 const BENCH_PASSWORD: &str = "bench-pass";
 /// The admin a fresh database starts with; used once, to make the sidecar see the collection.
 const ROOT_PASSWORD: &str = "Milvus";
+/// The `sidecar-busy` target's `--busy-poll` window.
+const BUSY_POLL: &str = "100us";
 const SCENARIOS: &str = "search-c1,search-c32,insert-64k,insert-4m,lite";
 
 fn main() -> ExitCode {
@@ -132,20 +136,20 @@ struct Stack {
     /// Where the upstream's CPU time is read.
     upstream_cpu: procstat::Upstream,
     sidecar: Option<Sidecar>,
+    busy: Option<Sidecar>,
     norec: Option<Sidecar>,
     nginx: Option<Nginx>,
-    /// The recording sidecar's spill directory.
-    spill_dir: Option<PathBuf>,
+    /// The recording sidecars' spill directories.
+    spill_dirs: Vec<PathBuf>,
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         // Only when empty: anything spilled or rejected stays there to be looked at.
-        if let Some(dir) = &self.spill_dir
-            && std::fs::remove_dir(dir).is_err()
-            && dir.exists()
-        {
-            println!("the sidecar left records in {}", dir.display());
+        for dir in &self.spill_dirs {
+            if std::fs::remove_dir(dir).is_err() && dir.exists() {
+                println!("the sidecar left records in {}", dir.display());
+            }
         }
     }
 }
@@ -153,17 +157,23 @@ impl Drop for Stack {
 impl Stack {
     fn start(config: &Config, upstream: SocketAddr, upstream_cpu: procstat::Upstream, label: &str) -> Result<Stack> {
         let wants = |t| config.targets.contains(&t);
-        let mut spill_dir = None;
-        let sidecar = if wants(Target::Sidecar) && config.database_url.is_some() {
-            let spill = env::temp_dir().join(format!("milvus-sidecar-bench-spill-{}-{label}", std::process::id()));
+        let mut spill_dirs = Vec::new();
+        // One after the other: the first to start migrates the database.
+        let mut recording = |target: Target, extra: &[&str]| -> Result<Option<Sidecar>> {
+            if !wants(target) || config.database_url.is_none() {
+                return Ok(None);
+            }
+            let name = format!("{}-{label}", target.name());
+            let spill = env::temp_dir().join(format!("milvus-sidecar-bench-spill-{}-{name}", std::process::id()));
             let mut args = config.sidecar_args.clone();
             args.extend(["--spill-dir".into(), spill.display().to_string()]);
-            spill_dir = Some(spill);
+            spill_dirs.push(spill);
             args.extend(["--root-password".into(), ROOT_PASSWORD.into()]);
-            Some(Sidecar::start(&config.sidecar_bin, &format!("sidecar-{label}"), upstream, &args, config.startup)?)
-        } else {
-            None
+            args.extend(extra.iter().map(|&a| a.to_owned()));
+            Ok(Some(Sidecar::start(&config.sidecar_bin, &name, upstream, &args, config.startup)?))
         };
+        let sidecar = recording(Target::Sidecar, &[])?;
+        let busy = recording(Target::SidecarBusy, &["--busy-poll", BUSY_POLL])?;
         let norec = if wants(Target::SidecarNoRec) {
             let mut args = config.sidecar_args.clone();
             args.extend(["--no-recording".into(), "--no-auth".into()]);
@@ -175,7 +185,7 @@ impl Stack {
             (Some(bin), true) => Some(Nginx::start(bin, upstream, &config.nginx_workers)?),
             _ => None,
         };
-        Ok(Stack { upstream, upstream_cpu, sidecar, norec, nginx, spill_dir })
+        Ok(Stack { upstream, upstream_cpu, sidecar, busy, norec, nginx, spill_dirs })
     }
 
     /// The targets this stack can serve, in the configured order.
@@ -186,24 +196,38 @@ impl Stack {
     fn addr(&self, target: Target) -> Option<SocketAddr> {
         match target {
             Target::Direct => Some(self.upstream),
-            Target::Sidecar => self.sidecar.as_ref().map(|s| s.addr),
-            Target::SidecarNoRec => self.norec.as_ref().map(|s| s.addr),
+            Target::Sidecar | Target::SidecarBusy | Target::SidecarNoRec => self.sidecar_for(target).map(|s| s.addr),
             Target::Nginx => self.nginx.as_ref().map(|n| n.addr),
         }
+    }
+
+    fn sidecar_for(&self, target: Target) -> Option<&Sidecar> {
+        match target {
+            Target::Sidecar => self.sidecar.as_ref(),
+            Target::SidecarBusy => self.busy.as_ref(),
+            Target::SidecarNoRec => self.norec.as_ref(),
+            Target::Direct | Target::Nginx => None,
+        }
+    }
+
+    /// The sidecars that authenticate and record, the first one set up first.
+    fn recording(&self) -> impl Iterator<Item = &Sidecar> {
+        self.sidecar.iter().chain(&self.busy)
     }
 
     /// The processes whose CPU and memory a run through `target` is charged to.
     fn pids(&self, target: Target) -> Vec<u32> {
         match target {
             Target::Direct => Vec::new(),
-            Target::Sidecar => self.sidecar.iter().map(Sidecar::pid).collect(),
-            Target::SidecarNoRec => self.norec.iter().map(Sidecar::pid).collect(),
+            Target::Sidecar | Target::SidecarBusy | Target::SidecarNoRec => {
+                self.sidecar_for(target).iter().map(|s| s.pid()).collect()
+            }
             Target::Nginx => self.nginx.as_ref().map(Nginx::pids).unwrap_or_default(),
         }
     }
 
     fn log_errors(&self) {
-        for sidecar in self.sidecar.iter().chain(&self.norec) {
+        for sidecar in self.recording().chain(&self.norec) {
             let errors = sidecar.logged_errors();
             if let Some(last) = errors.last() {
                 println!(
@@ -224,10 +248,19 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
     let stack = Stack::start(config, upstream, procstat::Upstream::Fake, "fake")?;
     print_header(config, &stack);
     let auth = load::authorization(BENCH_USER, BENCH_PASSWORD);
-    if let (Some(sidecar), Some(db)) = (&stack.sidecar, &db) {
-        grant_bench_user(config, sidecar, db, &auth)
-            .await
-            .inspect_err(|_| eprintln!("sidecar output:\n{}", sidecar.log_tail()))?;
+    if let Some(db) = &db {
+        let mut recording = stack.recording();
+        if let Some(first) = recording.next() {
+            grant_bench_user(config, first, db, &auth)
+                .await
+                .inspect_err(|_| eprintln!("sidecar output:\n{}", first.log_tail()))?;
+        }
+        for other in recording {
+            let (search, insert) = (load::search(COLLECTION, &["title", "category"]), bench_insert());
+            until_allowed(other, &[&search, &insert], &auth, Duration::from_secs(10))
+                .await
+                .inspect_err(|_| eprintln!("sidecar output:\n{}", other.log_tail()))?;
+        }
     }
     // Idle memory: after start-up and set-up, before any load.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -277,10 +310,10 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
         .filter_map(|&(t, _)| Some((t, procstat::usage(&stack.pids(t)).ok()?.rss_kib as f64 / 1024.0)))
         .collect();
 
-    // Both in-process measures use the schema, user and grant the recording sidecar set up.
-    let prepared = if stack.sidecar.is_some() { config.database_url.as_ref() } else { None };
+    // Both in-process measures use the schema, user and grant the recording sidecars set up.
+    let prepared = if stack.recording().next().is_some() { config.database_url.as_ref() } else { None };
     if prepared.is_none() && config.database_url.is_some() {
-        println!("\nwithout the sidecar target, the writer backlog and permission check are not measured");
+        println!("\nwithout a recording sidecar target, the writer backlog and permission check are not measured");
     }
     let backlog = match (prepared, config.writer_calls) {
         (Some(url), calls) if calls > 0 => {
@@ -356,6 +389,12 @@ fn print_header(config: &Config, stack: &Stack) {
     } else if config.targets.contains(&Target::Sidecar) {
         println!("  sidecar        skipped: no DATABASE_URL to authenticate and record with");
     }
+    if stack.busy.is_none() && config.targets.contains(&Target::SidecarBusy) {
+        println!("  sidecar-busy   skipped: no DATABASE_URL to authenticate and record with");
+    }
+    if let Some(s) = &stack.busy {
+        println!("  sidecar-busy   {} (pid {}): as sidecar, with --busy-poll {BUSY_POLL}", s.addr, s.pid());
+    }
     if let Some(s) = &stack.norec {
         println!("  sidecar-norec  {} (pid {}): --no-recording --no-auth", s.addr, s.pid());
     }
@@ -430,8 +469,8 @@ async fn measure_run(
 ) -> Result<RunResult> {
     let addr = stack.addr(target).context("target not running")?;
     let pids = stack.pids(target);
-    let recording = match (target, &stack.sidecar, db) {
-        (Target::Sidecar, Some(sidecar), Some(db)) => Some((sidecar, db)),
+    let recording = match (target, db) {
+        (Target::Sidecar | Target::SidecarBusy, Some(db)) => stack.sidecar_for(target).map(|s| (s, db)),
         _ => None,
     };
     let accounting = match recording {
@@ -549,17 +588,38 @@ async fn grant_bench_user(
     }
     cli(config, &["grant", BENCH_USER, COLLECTION, "write"], None)?;
     // Grants reach the sidecar through LISTEN/NOTIFY, within a second.
-    let insert = load::insert(COLLECTION, 4 << 10, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    until_allowed(sidecar, &[&search, &bench_insert()], auth, Duration::from_secs(10))
+        .await
+        .context("the bench user's calls after the grant")
+}
+
+/// A small Insert, to check the bench user may insert.
+fn bench_insert() -> load::Workload {
+    load::insert(COLLECTION, 4 << 10, 0)
+}
+
+/// Waits until every one of `calls` succeeds through `sidecar` for `auth`, or `patience` ends.
+async fn until_allowed(
+    sidecar: &Sidecar,
+    calls: &[&load::Workload],
+    auth: &AsciiMetadataValue,
+    patience: Duration,
+) -> Result<()> {
+    let channel = load::connect(sidecar.addr, 1).await?.remove(0);
+    let deadline = Instant::now() + patience;
     loop {
         let result = async {
-            load::check(&channel, &search, auth).await?;
-            load::check(&channel, &insert, auth).await
+            for call in calls {
+                load::check(&channel, call, auth).await?;
+            }
+            Ok::<_, anyhow::Error>(())
         }
         .await;
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e.context("the bench user's calls after the grant")),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!("the bench user's calls through the sidecar on {}", sidecar.addr)));
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -603,19 +663,13 @@ async fn lite_scenario(
     let lite = lite::MilvusLite::start(bin).await?;
     lite.prepare(COLLECTION).await?;
     let stack = Stack::start(config, lite.addr, procstat::Upstream::Process(lite.pid()), "lite")?;
-    if let Some(sidecar) = &stack.sidecar {
-        // The sidecar's start-up sync mirrors the collection; the grant made for the fake's
-        // stack names it already. Wait until this sidecar lets the bench user search.
-        let channel = load::connect(sidecar.addr, 1).await?.remove(0);
-        let search = load::search(COLLECTION, &[]);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while let Err(e) = load::check(&channel, &search, auth).await {
-            if Instant::now() > deadline {
-                eprintln!("sidecar output:\n{}", sidecar.log_tail());
-                return Err(e.context("the bench user's Search on milvus-lite through the sidecar"));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    // Each sidecar's start-up sync mirrors the collection; the grant made for the fake's stack
+    // names it already. Wait until these sidecars let the bench user search.
+    for sidecar in stack.recording() {
+        until_allowed(sidecar, &[&load::search(COLLECTION, &[])], auth, Duration::from_secs(15))
+            .await
+            .inspect_err(|_| eprintln!("sidecar output:\n{}", sidecar.log_tail()))
+            .context("the bench user's Search on milvus-lite")?;
     }
     let workload = load::search(COLLECTION, &[]);
     let name = format!("Search 3 KiB, concurrency 1 (milvus-lite upstream, {} B request)", workload.payload.len());
@@ -649,6 +703,16 @@ fn verdicts(
     judge(
         "c=1 Search: added p99 <= 120 µs",
         c1.and_then(|r| added(r, s, |r| r.p99_us)).map(|v| (v <= 120.0, format!("{v:+.0} µs"))),
+    );
+    // The same two with --busy-poll, an opt-in that trades CPU for latency at low concurrency.
+    let busy = Target::SidecarBusy;
+    judge(
+        "c=1 Search, sidecar-busy: added p50 <= 60 µs",
+        c1.and_then(|r| added(r, busy, |r| r.p50_us)).map(|v| (v <= 60.0, format!("{v:+.0} µs"))),
+    );
+    judge(
+        "c=1 Search, sidecar-busy: added p99 <= 120 µs",
+        c1.and_then(|r| added(r, busy, |r| r.p99_us)).map(|v| (v <= 120.0, format!("{v:+.0} µs"))),
     );
     let c32 = find("search-c32");
     judge(
@@ -807,7 +871,7 @@ impl Config {
                  (size a number with k or m, e.g. insert-1m-c16)"
             );
         }
-        let targets = list("targets", "BENCH_TARGETS", "direct,sidecar,sidecar-norec,nginx")
+        let targets = list("targets", "BENCH_TARGETS", "direct,sidecar,sidecar-busy,sidecar-norec,nginx")
             .iter()
             .map(|name| Target::parse(name).with_context(|| format!("unknown target {name:?}")))
             .collect::<Result<Vec<_>>>()?;

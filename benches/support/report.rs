@@ -14,6 +14,8 @@ pub enum Target {
     Direct,
     /// Through the sidecar: authentication, permission check and recording on.
     Sidecar,
+    /// As `Sidecar`, with `--busy-poll`: the call thread polls before it sleeps.
+    SidecarBusy,
     /// Through the sidecar with `--no-recording --no-auth`: forwarding alone.
     SidecarNoRec,
     /// Through nginx's `grpc_pass`.
@@ -21,12 +23,14 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 4] = [Target::Direct, Target::Sidecar, Target::SidecarNoRec, Target::Nginx];
+    pub const ALL: [Target; 5] =
+        [Target::Direct, Target::Sidecar, Target::SidecarBusy, Target::SidecarNoRec, Target::Nginx];
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
             Target::Sidecar => "sidecar",
+            Target::SidecarBusy => "sidecar-busy",
             Target::SidecarNoRec => "sidecar-norec",
             Target::Nginx => "nginx",
         }
