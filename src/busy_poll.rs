@@ -7,9 +7,10 @@
 //! forwarding's CPU at c=1 and most of the latency it added (README, Performance). A thread
 //! still running when the event arrives skips all of it.
 //! The price is CPU: the thread spins through every gap between events shorter than the
-//! window. It therefore spins only while few calls are in flight: under load the thread
+//! window. It therefore spins only while few calls are in flight (under load the thread
 //! rarely waits anyway, and on a machine whose cores the sidecar shares with its client or
-//! Milvus, spinning there would take CPU from what it waits for.
+//! Milvus, spinning there would take CPU from what it waits for), and only where the
+//! recent waits were short enough for a spin to catch (see `BusyPoll::expected`).
 //!
 //! tokio keeps its epoll instance to itself, so it is found as the one, among the process's
 //! eventpoll descriptors, that watches a socket just registered with the runtime
@@ -160,10 +161,13 @@ impl BusyPoll {
             if ready > 0 {
                 return true;
             }
-            if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                tracing::warn!(error = %std::io::Error::last_os_error(), "busy polling stops: cannot poll the runtime's epoll instance");
-                self.broken.store(true, Ordering::Relaxed);
-                return false;
+            if ready < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::warn!(%error, "busy polling stops: cannot poll the runtime's epoll instance");
+                    self.broken.store(true, Ordering::Relaxed);
+                    return false;
+                }
             }
             if Instant::now() >= until {
                 return false;

@@ -272,8 +272,9 @@ pub struct Config {
     /// Before the call thread sleeps for want of work, it polls for this long first, so a
     /// reply or request that arrives meanwhile is taken without a wake-up (0, the default:
     /// off). Cuts the latency the sidecar adds at low concurrency, for a core's CPU while
-    /// calls come one at a time; spins only while at most two calls are in flight, and
-    /// needs --worker-threads 1 (README, Performance). At most 1ms.
+    /// calls come one at a time; spins only while at most two calls are in flight and
+    /// recent waits were within the window, and needs --worker-threads 1 (README,
+    /// Performance). At most 1ms.
     #[arg(long, env = "MILVUS_SIDECAR_BUSY_POLL", default_value = "0s", value_parser = parse_busy_poll)]
     pub busy_poll: Duration,
 
