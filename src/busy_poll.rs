@@ -181,8 +181,9 @@ impl BusyPoll {
 /// that hold a socket just registered with the runtime.
 fn epoll_of(runtime: &tokio::runtime::Runtime) -> Vec<RawFd> {
     let _inside = runtime.enter();
-    let Ok(probe) = tokio::net::UnixDatagram::unbound() else { return Vec::new() };
-    let probe = probe.as_raw_fd();
+    // Registered with the runtime's epoll instance as it is made; open until the search ends.
+    let Ok(socket) = tokio::net::UnixDatagram::unbound() else { return Vec::new() };
+    let probe = socket.as_raw_fd();
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return Vec::new() };
     let mut found: Vec<RawFd> = dir
         .flatten()
@@ -192,6 +193,7 @@ fn epoll_of(runtime: &tokio::runtime::Runtime) -> Vec<RawFd> {
         .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
         .filter(|&epoll| watches(epoll, probe))
         .collect();
+    drop(socket);
     found.sort_unstable();
     found
 }
