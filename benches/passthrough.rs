@@ -696,24 +696,17 @@ fn verdicts(
 
     let c1 = find("search-c1");
     let added = |r: &ScenarioResult, t, f: fn(&RunResult) -> f64| r.added(t, f).map(|s| s.median);
-    judge(
-        "c=1 Search: added p50 <= 60 µs",
-        c1.and_then(|r| added(r, s, |r| r.p50_us)).map(|v| (v <= 60.0, format!("{v:+.0} µs"))),
-    );
-    judge(
-        "c=1 Search: added p99 <= 120 µs",
-        c1.and_then(|r| added(r, s, |r| r.p99_us)).map(|v| (v <= 120.0, format!("{v:+.0} µs"))),
-    );
-    // The same two with --busy-poll, an opt-in that trades CPU for latency at low concurrency.
-    let busy = Target::SidecarBusy;
-    judge(
-        "c=1 Search, sidecar-busy: added p50 <= 60 µs",
-        c1.and_then(|r| added(r, busy, |r| r.p50_us)).map(|v| (v <= 60.0, format!("{v:+.0} µs"))),
-    );
-    judge(
-        "c=1 Search, sidecar-busy: added p99 <= 120 µs",
-        c1.and_then(|r| added(r, busy, |r| r.p99_us)).map(|v| (v <= 120.0, format!("{v:+.0} µs"))),
-    );
+    // The sidecar, then the same with --busy-poll, an opt-in that trades CPU for latency at
+    // low concurrency.
+    for (label, target) in [("", s), (", sidecar-busy", Target::SidecarBusy)] {
+        let p50: fn(&RunResult) -> f64 = |r| r.p50_us;
+        for (name, bound, latency) in [("p50", 60.0, p50), ("p99", 120.0, |r| r.p99_us)] {
+            judge(
+                &format!("c=1 Search{label}: added {name} <= {bound} µs"),
+                c1.and_then(|r| added(r, target, latency)).map(|v| (v <= bound, format!("{v:+.0} µs"))),
+            );
+        }
+    }
     let c32 = find("search-c32");
     judge(
         "c=32 Search: CPU per request <= 30 µs",
