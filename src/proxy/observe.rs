@@ -24,7 +24,7 @@ use super::grpc::{self, Gathered};
 use super::inspect::ScanResult;
 use super::link::ReplyBody;
 use crate::auth::authority::{Authority, Principal};
-use crate::facts::{CallFacts, Method, Outcome};
+use crate::facts::{CallFacts, Outcome};
 use crate::milvus::{Reply, Rpc, views};
 use crate::record::{NotDurable, Receipt, Recorder};
 use crate::telemetry::Telemetry;
@@ -159,7 +159,7 @@ impl InFlight {
         }
         if let Some(hook) = self.on_created.take()
             && self.facts.outcome.is_success()
-            && self.facts.method == Method::Inspected(Rpc::CreateCollection)
+            && self.facts.method.rpc() == Some(Rpc::CreateCollection)
             && let Some(collection) = &self.facts.request.collection
         {
             hook.authority.note_created(&hook.principal, &self.facts.database, collection);
