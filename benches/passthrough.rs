@@ -43,6 +43,9 @@
 //! - `DATABASE_URL`: the database the sidecar records into and reads users from (migrated by
 //!   the sidecar; a fresh one is best). Without it the `sidecar` and `sidecar-busy` targets and
 //!   the writer measurement are skipped.
+//!
+//! The header's `scheduling` line says whether PostgreSQL's backends ran at idle CPU priority
+//! (`scripts/bench.sh --isolate-postgres` puts them in a CPU cgroup marked idle for the run).
 
 /// The sidecar binary's allocator (src/main.rs), so that the measures made in this process
 /// (the writer backlog, the permission check) run on the allocator the sidecar runs on. The
@@ -247,6 +250,14 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
     };
     let stack = Stack::start(config, upstream, procstat::Upstream::Fake, "fake")?;
     print_header(config, &stack);
+    // Whether PostgreSQL's bursts can hold up the calls on the cores they share.
+    let scheduling = match &db {
+        Some(db) => Some(procstat::scheduling(&writer::backend_pids(db).await?)),
+        None => None,
+    };
+    if let Some(scheduling) = &scheduling {
+        println!("  scheduling     {scheduling}");
+    }
     let auth = load::authorization(BENCH_USER, BENCH_PASSWORD);
     if let Some(db) = &db {
         let mut recording = stack.recording();
@@ -374,6 +385,9 @@ async fn session(config: &Config, upstream: SocketAddr) -> Result<u64> {
          time: idle is CPU time no process used, steal what the hypervisor took.)",
         cores()
     );
+    if let Some(scheduling) = &scheduling {
+        println!("(Scheduling: {scheduling}.)");
+    }
     stack.log_errors();
     Ok(results.iter().map(ScenarioResult::errors).sum())
 }

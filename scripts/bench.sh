@@ -7,8 +7,13 @@
 #   scripts/bench.sh              the full run (3 rounds of 5 s per target and scenario)
 #   scripts/bench.sh --quick      a smoke run (1 round of 1 s)
 #   scripts/bench.sh --rounds 5 --secs 10 --scenarios search-c1,search-c32
+#   scripts/bench.sh --isolate-postgres ...   PostgreSQL gives way to the calls (root only)
 #
-# Arguments go to the bench (see the comment at the top of benches/passthrough.rs).
+# Arguments go to the bench (see the comment at the top of benches/passthrough.rs), but for
+# --isolate-postgres (or BENCH_ISOLATE_POSTGRES=1): for the run, the processes of the
+# PostgreSQL server the bench records into go into a CPU cgroup marked idle, as if PostgreSQL
+# had cores of its own, and back where they were when the bench ends. Why: see "PostgreSQL's
+# bursts and the kernel's task groups" in the README.
 # It installs Debian's nginx (nginx-light, else nginx) when no nginx binary is found — the bench
 # starts it itself, as the current user with a config file of its own, never as a service; runs
 # scripts/setup.sh (Rust check, .venv with milvus-lite, PostgreSQL: see ensure_postgres in
@@ -64,5 +69,88 @@ else
     log "PostgreSQL: DATABASE_URL as given ($(pg_url_for_display "$DATABASE_URL"))"
 fi
 
-log "cargo bench --bench passthrough -- $*"
-exec cargo bench --bench passthrough -- "$@"
+# --isolate-postgres: PostgreSQL's processes in a CPU cgroup of their own marked idle
+# (cpu.idle, as systemd's CPUWeight=idle sets it), so that a woken call preempts a PostgreSQL
+# burst at once. A process's own SCHED_IDLE or nice value would not do: the kernel weighs
+# each session's (autogroup's) or cgroup's processes against others' as one group.
+ISOLATION_CGROUP=milvus-sidecar-bench-postgres
+CPU_CGROUPS=""    # where the hierarchy with the cpu controller is mounted
+CGROUP_V2=0
+POSTMASTER=""
+declare -A ISOLATED_FROM=()    # pid -> the cgroup it was in
+
+find_cpu_cgroups() {
+    CPU_CGROUPS="$(awk '$3 == "cgroup" && $4 ~ /(^|,)cpu(,|$)/ {print $2; exit}' /proc/mounts)"
+    if [[ -z "$CPU_CGROUPS" ]]; then
+        CPU_CGROUPS="$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)"
+        CGROUP_V2=1
+    fi
+}
+
+# The cgroup of PID in that hierarchy.
+cgroup_of() {
+    if ((CGROUP_V2)); then
+        awk -F: '$1 == "0" {print $3}' "/proc/$1/cgroup"
+    else
+        awk -F: '$2 ~ /(^|,)cpu(,|$)/ {print $3}' "/proc/$1/cgroup"
+    fi
+}
+
+isolate_postgres() {
+    ((EUID == 0)) || die "--isolate-postgres moves PostgreSQL into a cgroup: run the bench as root"
+    find_cpu_cgroups
+    [[ -n "$CPU_CGROUPS" && -f "$CPU_CGROUPS/cpu.stat" ]] ||
+        die "--isolate-postgres: no cgroup hierarchy with the cpu controller here"
+    # The server's processes: the checkpointer (which lives as long as the server) is a child
+    # of the postmaster, as is every other one.
+    local checkpointer
+    checkpointer="$("$(pg_tool psql)" "$DATABASE_URL" -X -At \
+        -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")"
+    [[ -n "$checkpointer" && -r "/proc/$checkpointer/status" ]] ||
+        die "--isolate-postgres: PostgreSQL's processes are not on this machine (checkpointer: '$checkpointer')"
+    POSTMASTER="$(awk '/^PPid:/ {print $2}' "/proc/$checkpointer/status")"
+    local dir="$CPU_CGROUPS/$ISOLATION_CGROUP"
+    mkdir -p "$dir"
+    echo 1 >"$dir/cpu.idle" 2>/dev/null || {
+        rmdir "$dir"
+        die "--isolate-postgres: $dir/cpu.idle cannot be set (Linux 5.15 or later, with the cpu controller enabled)"
+    }
+    trap restore_postgres EXIT
+    # So that Ctrl-C and kill put PostgreSQL back too (through the EXIT trap).
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    # The backends it forks later start in the same cgroup.
+    local pid children
+    mapfile -t children < <(pgrep -P "$POSTMASTER")
+    for pid in "$POSTMASTER" "${children[@]}"; do
+        ISOLATED_FROM[$pid]="$(cgroup_of "$pid")"
+        echo "$pid" >"$dir/cgroup.procs"
+    done
+    log "--isolate-postgres: PostgreSQL (postmaster $POSTMASTER and $((${#ISOLATED_FROM[@]} - 1)) other" \
+        "processes, and the backends it forks) in the idle CPU cgroup $dir until the bench ends"
+}
+
+restore_postgres() {
+    local dir="$CPU_CGROUPS/$ISOLATION_CGROUP" pid back
+    while read -r pid; do
+        # Each where it was; a backend forked meanwhile where the postmaster was.
+        back="${ISOLATED_FROM[$pid]:-${ISOLATED_FROM[$POSTMASTER]}}"
+        echo "$pid" >"$CPU_CGROUPS${back%/}/cgroup.procs" 2>/dev/null || true
+    done <"$dir/cgroup.procs"
+    rmdir "$dir" 2>/dev/null || warn "--isolate-postgres: $dir still holds processes, which stay at idle priority"
+    log "--isolate-postgres: PostgreSQL back in its cgroup"
+}
+
+ARGS=()
+ISOLATE="${BENCH_ISOLATE_POSTGRES:-0}"
+for arg in "$@"; do
+    if [[ "$arg" == --isolate-postgres ]]; then
+        ISOLATE=1
+    else
+        ARGS+=("$arg")
+    fi
+done
+[[ "$ISOLATE" != 1 ]] || isolate_postgres
+
+log "cargo bench --bench passthrough -- ${ARGS[*]}"
+cargo bench --bench passthrough -- "${ARGS[@]}"

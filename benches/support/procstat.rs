@@ -163,6 +163,53 @@ pub fn children(parent: u32) -> Vec<u32> {
         .collect()
 }
 
+/// How the kernel schedules PostgreSQL's `backends` beside the calls, for the report: whether
+/// they sit in a CPU cgroup marked idle (`cpu.idle`, which `scripts/bench.sh --isolate-postgres`
+/// sets up), where a woken call preempts their bursts at once.
+pub fn scheduling(backends: &[u32]) -> String {
+    let idle = backends.iter().filter(|&&pid| in_idle_cgroup(pid)).count();
+    let how = match idle {
+        0 => "normal CPU priority".to_string(),
+        n if n == backends.len() => "idle CPU priority (a cgroup with cpu.idle 1)".to_string(),
+        n => format!("idle CPU priority for {n} of them (a cgroup with cpu.idle 1)"),
+    };
+    format!("{} PostgreSQL backend(s) at {how}", backends.len())
+}
+
+/// Whether `pid`'s cgroup in the hierarchy with the cpu controller (cgroup v1's, else v2's) has
+/// `cpu.idle` set.
+fn in_idle_cgroup(pid: u32) -> bool {
+    let (Ok(mounts), Ok(cgroups)) =
+        (fs::read_to_string("/proc/mounts"), fs::read_to_string(format!("/proc/{pid}/cgroup")))
+    else {
+        return false;
+    };
+    let mounted = |kind: &str, controller: Option<&str>| {
+        mounts.lines().map(|line| line.split_whitespace().collect::<Vec<_>>()).find_map(|f| {
+            let fits = f.get(2) == Some(&kind)
+                && controller.is_none_or(|c| f.get(3).is_some_and(|o| o.split(',').any(|o| o == c)));
+            fits.then(|| f[1].to_string())
+        })
+    };
+    // /proc/PID/cgroup lines are `id:controllers:path`; v2's has no controllers.
+    let path_for = |v2: bool| {
+        cgroups.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let fits = if v2 { controllers.is_empty() } else { controllers.split(',').any(|c| c == "cpu") };
+            fits.then(|| path.to_string())
+        })
+    };
+    let (root, path) = match mounted("cgroup", Some("cpu")) {
+        Some(root) => (root, path_for(false)),
+        None => match mounted("cgroup2", None) {
+            Some(root) => (root, path_for(true)),
+            None => return false,
+        },
+    };
+    path.and_then(|path| fs::read_to_string(format!("{root}{path}/cpu.idle")).ok()).is_some_and(|v| v.trim() == "1")
+}
+
 /// The fields after the command name, which may itself contain spaces and parentheses.
 fn stat_fields(stat: &str) -> Vec<&str> {
     stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default()
