@@ -119,13 +119,17 @@ isolate_postgres() {
     # So that Ctrl-C and kill put PostgreSQL back too (through the EXIT trap).
     trap 'exit 130' INT
     trap 'exit 143' TERM
-    # The backends it forks later start in the same cgroup.
-    local pid children
+    # The backends it forks later start in the same cgroup. A child that ends meanwhile (an
+    # autovacuum worker, say) is skipped.
+    local pid children from
     mapfile -t children < <(pgrep -P "$POSTMASTER")
     for pid in "$POSTMASTER" "${children[@]}"; do
-        ISOLATED_FROM[$pid]="$(cgroup_of "$pid")"
-        echo "$pid" >"$dir/cgroup.procs"
+        from="$(cgroup_of "$pid" 2>/dev/null)" || continue
+        echo "$pid" >"$dir/cgroup.procs" 2>/dev/null || continue
+        ISOLATED_FROM[$pid]="$from"
     done
+    [[ -n "${ISOLATED_FROM[$POSTMASTER]:-}" ]] || die "--isolate-postgres: could not move PostgreSQL (pid $POSTMASTER)"
+
     log "--isolate-postgres: PostgreSQL (postmaster $POSTMASTER and $((${#ISOLATED_FROM[@]} - 1)) other" \
         "processes, and the backends it forks) in the idle CPU cgroup $dir until the bench ends"
 }
