@@ -167,7 +167,8 @@ pub fn children(parent: u32) -> Vec<u32> {
 /// they sit in a CPU cgroup marked idle (`cpu.idle`, which `scripts/bench.sh --isolate-postgres`
 /// sets up), where a woken call preempts their bursts at once.
 pub fn scheduling(backends: &[u32]) -> String {
-    let idle = backends.iter().filter(|&&pid| in_idle_cgroup(pid)).count();
+    let cpu = CpuCgroups::find();
+    let idle = backends.iter().filter(|&&pid| cpu.as_ref().is_some_and(|cpu| cpu.idle(pid))).count();
     let how = match idle {
         0 => "normal CPU priority".to_string(),
         n if n == backends.len() => "idle CPU priority (a cgroup with cpu.idle 1)".to_string(),
@@ -176,38 +177,43 @@ pub fn scheduling(backends: &[u32]) -> String {
     format!("{} PostgreSQL backend(s) at {how}", backends.len())
 }
 
-/// Whether `pid`'s cgroup in the hierarchy with the cpu controller (cgroup v1's, else v2's) has
-/// `cpu.idle` set.
-fn in_idle_cgroup(pid: u32) -> bool {
-    let (Ok(mounts), Ok(cgroups)) =
-        (fs::read_to_string("/proc/mounts"), fs::read_to_string(format!("/proc/{pid}/cgroup")))
-    else {
-        return false;
-    };
-    let mounted = |kind: &str, controller: Option<&str>| {
-        mounts.lines().map(|line| line.split_whitespace().collect::<Vec<_>>()).find_map(|f| {
-            let fits = f.get(2) == Some(&kind)
-                && controller.is_none_or(|c| f.get(3).is_some_and(|o| o.split(',').any(|o| o == c)));
-            fits.then(|| f[1].to_string())
-        })
-    };
-    // /proc/PID/cgroup lines are `id:controllers:path`; v2's has no controllers.
-    let path_for = |v2: bool| {
-        cgroups.lines().find_map(|line| {
+/// The cgroup hierarchy with the cpu controller: cgroup v1's `cpu` mount, else v2's.
+struct CpuCgroups {
+    root: String,
+    v2: bool,
+}
+
+impl CpuCgroups {
+    fn find() -> Option<CpuCgroups> {
+        let mounts = fs::read_to_string("/proc/mounts").ok()?;
+        // Lines are `source mountpoint type options ...`.
+        let mounted = |v2: bool| {
+            mounts.lines().find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let fits = if v2 {
+                    f.get(2) == Some(&"cgroup2")
+                } else {
+                    f.get(2) == Some(&"cgroup") && f.get(3).is_some_and(|o| o.split(',').any(|o| o == "cpu"))
+                };
+                fits.then(|| CpuCgroups { root: f[1].to_string(), v2 })
+            })
+        };
+        mounted(false).or_else(|| mounted(true))
+    }
+
+    /// Whether `pid`'s cgroup in this hierarchy has `cpu.idle` set.
+    fn idle(&self, pid: u32) -> bool {
+        let Ok(cgroups) = fs::read_to_string(format!("/proc/{pid}/cgroup")) else { return false };
+        // Lines are `id:controllers:path`; v2's has no controllers.
+        let path = cgroups.lines().find_map(|line| {
             let mut parts = line.splitn(3, ':');
             let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            let fits = if v2 { controllers.is_empty() } else { controllers.split(',').any(|c| c == "cpu") };
-            fits.then(|| path.to_string())
-        })
-    };
-    let (root, path) = match mounted("cgroup", Some("cpu")) {
-        Some(root) => (root, path_for(false)),
-        None => match mounted("cgroup2", None) {
-            Some(root) => (root, path_for(true)),
-            None => return false,
-        },
-    };
-    path.and_then(|path| fs::read_to_string(format!("{root}{path}/cpu.idle")).ok()).is_some_and(|v| v.trim() == "1")
+            let fits = if self.v2 { controllers.is_empty() } else { controllers.split(',').any(|c| c == "cpu") };
+            fits.then_some(path)
+        });
+        path.and_then(|path| fs::read_to_string(format!("{}{path}/cpu.idle", self.root)).ok())
+            .is_some_and(|v| v.trim() == "1")
+    }
 }
 
 /// The fields after the command name, which may itself contain spaces and parentheses.
