@@ -444,12 +444,17 @@ async fn migrations_apply_once_and_partitions_follow_retention() {
 async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     let db = TestDb::create().await;
     let upstream = fake_milvus().await;
-    // A small queue, one-record transactions, and a PostgreSQL that takes 5 ms per row
-    // COPYed in (at most 200 calls a second; replays of the spill file, by INSERT, are
+    // A small queue, one-record transactions, and a PostgreSQL that takes 2 ms per row
+    // COPYed in (at most 500 calls a second; replays of the spill file, by INSERT, are
     // not slowed): it cannot keep up with 16 callers, however fast the writer and the
-    // machine are.
+    // machine are. Past half the queue, everything queued goes to disk and a batch of at
+    // least 1 000 is replayed: the queue must hold the calls made meanwhile, which on a
+    // busy machine (the other tests of this file) came to 1 600 at once. Below half, what
+    // is queued drains at 500 a second.
+    const CALLERS: usize = 16;
+    const CALLS: usize = 400;
     let (app, spill) = start_app_with(upstream.addr, db.url(), |config| {
-        config.recording.queue_capacity = 1024;
+        config.recording.queue_capacity = 4096;
         config.recording.batch_rows = 1;
     })
     .await;
@@ -457,18 +462,18 @@ async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
         .await
         .batch_execute(
             "CREATE FUNCTION slow_down() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN IF current_query() LIKE 'COPY%' THEN PERFORM pg_sleep(0.005); END IF; RETURN NEW; END $$; \
+             $$ BEGIN IF current_query() LIKE 'COPY%' THEN PERFORM pg_sleep(0.002); END IF; RETURN NEW; END $$; \
              CREATE TRIGGER slow_down BEFORE INSERT ON performance_metrics \
              FOR EACH ROW EXECUTE FUNCTION slow_down();",
         )
         .await
         .unwrap();
     let addr = app.running.listen_addr;
-    let callers: Vec<_> = (0..16)
+    let callers: Vec<_> = (0..CALLERS)
         .map(|_| {
             tokio::spawn(async move {
                 let mut client = RawClient::connect(addr).await;
-                for _ in 0..100 {
+                for _ in 0..CALLS {
                     client.unary("Search", search("c")).await.expect("calls never wait for PostgreSQL");
                 }
             })
@@ -479,16 +484,17 @@ async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     }
     let stats = &app.recording.as_ref().unwrap().stats;
     assert!(stats.records_spilled.load(std::sync::atomic::Ordering::Relaxed) > 0, "the backlog went to disk");
-    let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", 1600).await;
+    let made = (CALLERS * CALLS) as i64;
+    let arrived = db.wait_for_count("SELECT count(*) FROM performance_metrics", made).await;
     assert_eq!(
         arrived,
-        1600,
+        made,
         "every call arrives; {stats:?}; rejected: {:?}",
         std::fs::read_to_string(spill.path.join("rejected.jsonl")).map(|s| s.lines().count())
     );
     assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing dropped");
     app.shutdown().await;
-    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 1600, "none twice");
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, made, "none twice");
 }
 
 /// A PostgreSQL that answers but never finishes (a lock held elsewhere) must not hold the
