@@ -190,6 +190,13 @@ pub struct RecordingArgs {
     #[arg(long, env = "MILVUS_SIDECAR_QUEUE_CAPACITY", default_value_t = 65_536)]
     pub queue_capacity: usize,
 
+    /// Memory the waiting records may hold, in bytes (about: their text and lists). Past
+    /// half of it they go to the spill file, past all of it new records are dropped, as
+    /// with `--queue-capacity`; a record larger than this alone is still taken into an
+    /// empty queue. One call's filter or schema can run to megabytes.
+    #[arg(long, env = "MILVUS_SIDECAR_QUEUE_MAX_BYTES", default_value_t = 64 << 20)]
+    pub queue_max_bytes: usize,
+
     /// Largest batch the writer sends in one transaction.
     #[arg(long, env = "MILVUS_SIDECAR_BATCH_ROWS", default_value_t = 2_000)]
     pub batch_rows: usize,
@@ -491,6 +498,7 @@ impl Config {
                 no_recording: true,
                 skip_migrations: false,
                 queue_capacity: 65_536,
+                queue_max_bytes: 64 << 20,
                 batch_rows: 2_000,
                 flush_interval: Duration::from_millis(20),
                 write_timeout: Duration::from_secs(2),

@@ -48,6 +48,37 @@ impl CallFacts {
         }
         self.request = request;
     }
+
+    /// About how many bytes of memory these facts hold: the struct and the text and lists
+    /// it owns. One call's filter or schema can run to megabytes, so the writer's queue is
+    /// bounded by this as well as by its count of records.
+    pub fn footprint(&self) -> usize {
+        let method = match &self.method {
+            Method::Inspected(_) => 0,
+            Method::Other(path) => path.len(),
+        };
+        let client = &self.client;
+        let headers =
+            [&client.user_agent, &client.request_id].into_iter().flatten().map(HeaderValue::len).sum::<usize>();
+        size_of::<Self>()
+            + method
+            + self.database.len()
+            + self.request.footprint()
+            + self.reply.footprint()
+            + self.outcome.message.as_ref().map_or(0, String::len)
+            + client.user.as_ref().map_or(0, String::len)
+            + headers
+    }
+}
+
+/// Bytes held by a list of strings.
+fn texts(list: &[String]) -> usize {
+    list.iter().map(|s| size_of::<String>() + s.len()).sum()
+}
+
+/// Bytes held by a list of key-value pairs.
+fn pairs(list: &[(String, String)]) -> usize {
+    list.iter().map(|(k, v)| 2 * size_of::<String>() + k.len() + v.len()).sum()
 }
 
 /// The called method: one this build inspects, or any other by a copy of its path, so
@@ -102,6 +133,27 @@ pub struct RequestFacts {
     pub collection: Option<String>,
     pub partitions: Vec<String>,
     pub detail: RequestDetail,
+}
+
+impl RequestFacts {
+    fn footprint(&self) -> usize {
+        let detail = match &self.detail {
+            RequestDetail::None | RequestDetail::Insert { .. } => 0,
+            RequestDetail::Search(search) => search.filter.len() + texts(&search.output_fields) + pairs(&search.params),
+            RequestDetail::Query { filter, output_fields, .. } => filter.len() + texts(output_fields),
+            RequestDetail::Delete { filter } => filter.len(),
+            RequestDetail::Import { files } => texts(files),
+            RequestDetail::CreateCollection { schema, .. } => schema.len(),
+            RequestDetail::Rename { new_name, new_database } => {
+                new_name.len() + new_database.as_ref().map_or(0, String::len)
+            }
+            RequestDetail::Index { field_name, index_name, params } => {
+                field_name.len() + index_name.len() + pairs(params)
+            }
+        };
+        let names = self.database.as_ref().map_or(0, String::len) + self.collection.as_ref().map_or(0, String::len);
+        names + texts(&self.partitions) + detail
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -172,6 +224,24 @@ pub enum ReplyDetail {
     Rows(i64),
 }
 
+impl ReplyDetail {
+    fn footprint(&self) -> usize {
+        match self {
+            ReplyDetail::Indexes(indexes) => indexes
+                .iter()
+                .map(|i| {
+                    size_of::<IndexProgress>()
+                        + i.index_name.len()
+                        + i.field_name.len()
+                        + pairs(&i.params)
+                        + i.fail_reason.len()
+                })
+                .sum(),
+            ReplyDetail::None | ReplyDetail::Search { .. } | ReplyDetail::Mutation { .. } | ReplyDetail::Rows(_) => 0,
+        }
+    }
+}
+
 /// One index as DescribeIndex reported it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IndexProgress {
@@ -225,6 +295,37 @@ mod tests {
         assert!(a < later && same_ms < later);
         let (secs, _) = a.get_timestamp().expect("v7 carries a timestamp").to_unix();
         assert_eq!(secs, t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
+    }
+
+    fn query(filter: &str) -> CallFacts {
+        CallFacts {
+            id: call_id(SystemTime::now()),
+            started_at: SystemTime::now(),
+            duration: Duration::from_millis(1),
+            method: Method::from_path("/milvus.proto.milvus.MilvusService/Query"),
+            database: DEFAULT_DATABASE.into(),
+            request: RequestFacts {
+                collection: Some("docs".into()),
+                detail: RequestDetail::Query { filter: filter.into(), output_fields: vec!["id".into()], limit: None },
+                ..RequestFacts::default()
+            },
+            reply: ReplyDetail::Rows(3),
+            outcome: Outcome::default(),
+            request_bytes: 100,
+            reply_bytes: 100,
+            client: Client { user: Some("alice".into()), ..Client::default() },
+        }
+    }
+
+    #[test]
+    fn a_footprint_counts_what_the_facts_hold() {
+        let small = query("id > 0").footprint();
+        assert!(small >= size_of::<CallFacts>() + "default".len() + "docs".len() + "id > 0".len() + "alice".len());
+        assert!(small < 1024, "a plain query's facts hold well under a KiB: {small}");
+        // `id in [...]` with a hundred thousand ids: a megabyte the queue must count.
+        let ids = (0..100_000).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        let large = query(&format!("id in [{ids}]")).footprint();
+        assert_eq!(large - small, ids.len() + "id in []".len() - "id > 0".len());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::fake::FakeUpstream;
 use common::pg::TestDb;
 use common::relay::Relay;
-use common::{RawClient, encode};
+use common::{RawClient, encode, http_get};
 use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
 use milvus::proto::milvus::{
     CreateCollectionRequest, ImportRequest, ImportResponse, InsertRequest, MutationResult, SearchRequest, SearchResults,
@@ -495,6 +495,116 @@ async fn when_postgres_falls_behind_records_go_to_disk_and_all_arrive() {
     assert_eq!(stats.records_dropped.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing dropped");
     app.shutdown().await;
     assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, made, "none twice");
+}
+
+/// A Query whose filter is `filter_bytes` long (`id in [...]`, as a client deleting or
+/// fetching many ids by primary key sends it).
+fn query_with_filter(filter_bytes: usize) -> Bytes {
+    let mut expr = String::from("id in [");
+    while expr.len() + 8 < filter_bytes {
+        expr.push_str("1234567,");
+    }
+    expr.push_str("0]");
+    encode(&milvus::proto::milvus::QueryRequest {
+        collection_name: "c".into(),
+        expr,
+        output_fields: vec!["id".into()],
+        ..Default::default()
+    })
+}
+
+/// Records that hold much memory (long filters) reach half of `--queue-max-bytes` long
+/// before half the queue's count: they go to the spill file then, not into more memory,
+/// and all arrive once, replayed.
+#[tokio::test]
+async fn records_past_half_the_queues_bytes_go_to_disk_and_all_arrive() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const FILTER: usize = 32 * 1024;
+    const CALLS: usize = 24;
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    // The writer waits 2 s after a first record for its batch to fill: by then the calls
+    // below have queued about 800 KiB in 24 records (of 65 536 the queue may count).
+    let (app, spill) = start_app_with(upstream.addr, db.url(), |config| {
+        config.recording.queue_max_bytes = 1 << 20;
+        config.recording.flush_interval = Duration::from_secs(2);
+    })
+    .await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    for _ in 0..CALLS {
+        client.unary("Query", query_with_filter(FILTER)).await.expect("calls never wait for PostgreSQL");
+    }
+    let stats = &app.recording.as_ref().unwrap().stats;
+    settle(Duration::from_secs(10), || stats.records_spilled.load(Relaxed) >= CALLS as u64).await;
+    assert_eq!(stats.records_spilled.load(Relaxed), CALLS as u64, "over half the bytes: all went to disk; {stats:?}");
+    let arrived = db.wait_for_count("SELECT count(*) FROM query_logs", CALLS as i64).await;
+    assert_eq!(arrived, CALLS as i64, "every call arrives, replayed; {stats:?}");
+    assert_eq!(stats.records_replayed.load(Relaxed), CALLS as u64);
+    assert_eq!(stats.records_dropped.load(Relaxed), 0);
+    let lengths =
+        texts(&db.client().await, "SELECT DISTINCT length(filter_expression)::text AS n FROM query_logs").await;
+    assert_eq!(lengths.len(), 1, "{lengths:?}");
+    let length: usize = lengths[0].parse().unwrap();
+    assert!((FILTER - 8..=FILTER + 8).contains(&length), "each filter recorded whole: {length} bytes");
+    assert_eq!(spill.spilled_lines(), 0, "the spill file is emptied once replayed");
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM query_logs").await, CALLS as i64, "none twice");
+}
+
+/// While the writer is stuck (a table locked elsewhere), the queue takes records only up to
+/// `--queue-max-bytes` of them: the rest are dropped and counted, however few records
+/// that is, and what was queued arrives once the lock is gone.
+#[tokio::test]
+async fn a_queue_at_its_bytes_drops_the_rest_and_counts_them() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const FILTER: usize = 32 * 1024;
+    const CAP: usize = 256 * 1024;
+    const CALLS: u64 = 20;
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, _spill) = start_app_with(upstream.addr, db.url(), |config| {
+        config.recording.queue_max_bytes = CAP;
+        // The lock holds the writer for the whole test, not just 2 s.
+        config.recording.write_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+    let locker = db.client().await;
+    locker.batch_execute("BEGIN; LOCK TABLE query_logs IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    client.unary("Query", query_with_filter(FILTER)).await.unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'milvus-sidecar'
+           AND wait_event_type = 'Lock' AND query LIKE 'COPY query_logs%'";
+    assert_eq!(db.wait_for_count(waiting, 1).await, 1, "the writer is stuck on the lock");
+
+    for _ in 0..CALLS {
+        client.unary("Query", query_with_filter(FILTER)).await.expect("calls go on while records are dropped");
+    }
+    let stats = &app.recording.as_ref().unwrap().stats;
+    // A call's record may be handed over just after its client has the reply.
+    settle(Duration::from_secs(5), || stats.records_dropped.load(Relaxed) >= CALLS - (CAP / FILTER) as u64).await;
+    let dropped = stats.records_dropped.load(Relaxed);
+    let queued = CALLS - dropped;
+    // Each record holds its filter and a few hundred bytes besides.
+    assert!(
+        (CAP / (FILTER + 2048)) as u64 <= queued && queued <= (CAP / FILTER) as u64,
+        "{queued} records queued, {dropped} dropped"
+    );
+    let held = stats.queued_bytes.load(Relaxed);
+    assert!(held <= CAP && held >= queued as usize * FILTER, "{held} bytes held by {queued} records");
+    let (_, metrics) = http_get(app.running.admin_addr, "/metrics").await;
+    assert!(metrics.contains(&format!("milvus_sidecar_recording_queue_bytes {held}")), "{metrics}");
+    assert!(metrics.contains(&format!("milvus_sidecar_recording_rows_dropped_total {dropped}")), "{metrics}");
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    // The stuck call, and what the queue held; nothing of what was dropped.
+    let kept = 1 + queued as i64;
+    assert_eq!(db.wait_for_count("SELECT count(*) FROM query_logs", kept).await, kept);
+    settle(Duration::from_secs(5), || stats.queued_bytes.load(Relaxed) == 0).await;
+    assert_eq!(stats.queued_bytes.load(Relaxed), 0, "the writer took every byte it was counted");
+    app.shutdown().await;
+    assert_eq!(db.count("SELECT count(*) FROM query_logs").await, kept);
+    assert_eq!(upstream.count("Query"), 1 + CALLS as usize, "every call reached Milvus");
 }
 
 /// A PostgreSQL that answers but never finishes (a lock held elsewhere) must not hold the

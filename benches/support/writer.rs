@@ -53,6 +53,7 @@ pub async fn measure(database_url: &str, calls: usize, user: &str, collection: &
         no_recording: false,
         skip_migrations: true,
         queue_capacity: (2 * calls + 2).max(65_536),
+        queue_max_bytes: usize::MAX,
         batch_rows: 2_000,
         flush_interval: Duration::from_millis(20),
         write_timeout: Duration::from_secs(2),

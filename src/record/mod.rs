@@ -15,7 +15,7 @@ mod writer;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -60,6 +60,9 @@ const WRITER_CONNECTIONS: u32 = 2;
 pub(crate) struct Queued {
     facts: CallFacts,
     ack: Option<oneshot::Sender<()>>,
+    /// The facts' [`CallFacts::footprint`], counted in [`Stats::queued_bytes`] until the
+    /// writer takes them.
+    bytes: usize,
 }
 
 /// What the recording pipeline did, for metrics and tests.
@@ -72,6 +75,8 @@ pub struct Stats {
     pub records_rejected: AtomicU64,
     /// Lost: the queue was full, or the spill file could not be written. Should stay 0.
     pub records_dropped: AtomicU64,
+    /// Memory held by the records in the queue (their [`CallFacts::footprint`]).
+    pub queued_bytes: AtomicUsize,
     /// Rows per batch written to PostgreSQL (exported as is by the metrics).
     pub batch_rows: prometheus::Histogram,
 }
@@ -91,6 +96,7 @@ impl Default for Stats {
             records_replayed: AtomicU64::default(),
             records_rejected: AtomicU64::default(),
             records_dropped: AtomicU64::default(),
+            queued_bytes: AtomicUsize::default(),
             batch_rows: prometheus::Histogram::with_opts(opts).expect("static histogram options are valid"),
         }
     }
@@ -101,6 +107,8 @@ pub struct PgRecorder {
     queue: mpsc::Sender<Queued>,
     stats: Arc<Stats>,
     durable: bool,
+    /// `--queue-max-bytes`: past it, records are dropped as from a full queue.
+    max_bytes: usize,
 }
 
 /// The running writer: call [`Recording::finish`] after the proxy has drained.
@@ -130,6 +138,7 @@ impl Recording {
         let (done, finished) = oneshot::channel();
         let writer_stats = stats.clone();
         let (batch_rows, queue_capacity) = (args.batch_rows.max(1), args.queue_capacity.max(1));
+        let queue_max_bytes = args.queue_max_bytes.max(1);
         // Callers wait for their records: write what is there at once. Batches still form
         // by themselves, from the calls that end while the previous one commits.
         let flush_interval = if durable { std::time::Duration::ZERO } else { args.flush_interval };
@@ -150,6 +159,9 @@ impl Recording {
                     stats: writer_stats,
                     batch_rows,
                     queue_capacity,
+                    queue_max_bytes,
+                    taken_bytes: 0,
+                    pending_bytes: 0,
                     flush_interval,
                     write_timeout,
                     catalog: Catalog::default(),
@@ -169,7 +181,7 @@ impl Recording {
                 "durable records: a call ends only once its records are committed or fsynced to the spill file"
             );
         }
-        let recorder = Arc::new(PgRecorder { queue, stats: stats.clone(), durable });
+        let recorder = Arc::new(PgRecorder { queue, stats: stats.clone(), durable, max_bytes: queue_max_bytes });
         Ok(Recording { recorder, stats, finish, finished })
     }
 
@@ -185,16 +197,47 @@ impl PgRecorder {
     pub fn queue_depth(&self) -> usize {
         self.queue.max_capacity() - self.queue.capacity()
     }
+
+    /// Memory those records hold, about.
+    pub fn queue_bytes(&self) -> usize {
+        self.stats.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Counts `bytes` as queued; false, undone, when that would take the queue past
+    /// `--queue-max-bytes`. A record larger than that by itself is still taken into an
+    /// otherwise empty queue: the memory stays bounded, and a huge call is recorded too.
+    fn hold(&self, bytes: usize) -> bool {
+        let held = self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if held > self.max_bytes && held > bytes {
+            self.release(bytes);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, bytes: usize) {
+        self.stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn dropped(&self, reason: &dyn std::fmt::Display) {
+        let dropped = self.stats.records_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // Once per 10 000 so that a stuck writer cannot flood the log as well.
+        if dropped % 10_000 == 1 {
+            tracing::error!(dropped, reason = %reason, "record queue full: call records are being dropped");
+        }
+    }
 }
 
 impl Recorder for PgRecorder {
     fn record(&self, facts: CallFacts) {
-        if let Err(e) = self.queue.try_send(Queued { facts, ack: None }) {
-            let dropped = self.stats.records_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            // Once per 10 000 so that a stuck writer cannot flood the log as well.
-            if dropped % 10_000 == 1 {
-                tracing::error!(dropped, reason = %e, "record queue full: call records are being dropped");
-            }
+        let bytes = facts.footprint();
+        if !self.hold(bytes) {
+            self.dropped(&format_args!("the queued records hold --queue-max-bytes ({} bytes)", self.max_bytes));
+            return;
+        }
+        if let Err(e) = self.queue.try_send(Queued { facts, ack: None, bytes }) {
+            self.release(bytes);
+            self.dropped(&e);
         }
     }
 
@@ -202,20 +245,31 @@ impl Recorder for PgRecorder {
         self.durable
     }
 
-    /// A full queue is waited on, not dropped from: the caller waits anyway.
+    /// A full queue is waited on, not dropped from: the caller waits anyway. Its bytes are
+    /// counted but never refused: each call waits for its own record, so the queue holds
+    /// at most one record per call in flight.
     fn record_durably(&self, facts: CallFacts) -> Receipt {
         let (ack, acked) = oneshot::channel();
         let durable = async move { acked.await.map_err(|_| NotDurable) };
-        match self.queue.try_send(Queued { facts, ack: Some(ack) }) {
+        let bytes = facts.footprint();
+        self.stats.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        match self.queue.try_send(Queued { facts, ack: Some(ack), bytes }) {
             Ok(()) => Box::pin(durable),
             Err(TrySendError::Full(queued)) => {
                 let queue = self.queue.clone();
+                let stats = self.stats.clone();
                 Box::pin(async move {
-                    queue.send(queued).await.map_err(|_| NotDurable)?;
+                    if queue.send(queued).await.is_err() {
+                        stats.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                        return Err(NotDurable);
+                    }
                     durable.await
                 })
             }
-            Err(TrySendError::Closed(_)) => Box::pin(std::future::ready(Err(NotDurable))),
+            Err(TrySendError::Closed(_)) => {
+                self.release(bytes);
+                Box::pin(std::future::ready(Err(NotDurable)))
+            }
         }
     }
 }

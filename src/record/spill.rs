@@ -93,15 +93,16 @@ impl Spill {
         &self.rejected
     }
 
-    /// Up to `max` records from the replay position, and the position after them.
-    pub async fn peek(&self, max: usize) -> std::io::Result<(Vec<Record>, u64)> {
+    /// Up to `max` records from the replay position, fewer where their lines reach
+    /// `max_bytes` (always at least one), and the position after them.
+    pub async fn peek(&self, max: usize, max_bytes: u64) -> std::io::Result<(Vec<Record>, u64)> {
         let mut file = File::open(&self.path).await?;
         file.seek(std::io::SeekFrom::Start(self.replayed_to)).await?;
         let mut reader = BufReader::new(file);
         let mut records = Vec::new();
         let mut offset = self.replayed_to;
         let mut line = String::new();
-        while records.len() < max {
+        while records.len() < max && offset - self.replayed_to < max_bytes {
             line.clear();
             let read = reader.read_line(&mut line).await?;
             if read == 0 || !line.ends_with('\n') {
@@ -186,11 +187,29 @@ mod tests {
         let mut spill = Spill::open(&dir, true, 0).await.unwrap();
         assert_eq!(spill.waiting(), 2, "the cut-short record is not counted");
         spill.append(&[record(3)]).await.unwrap();
-        let (records, offset) = spill.peek(10).await.unwrap();
+        let (records, offset) = spill.peek(10, u64::MAX).await.unwrap();
         let names: Vec<_> = records.iter().map(|r| r.call.collection.clone().unwrap()).collect();
         assert_eq!(names, ["c1", "c2", "c3"], "the next append does not glue onto the cut line");
         spill.advance(offset, records.len()).await.unwrap();
         assert!(!dir.join("records.jsonl").exists(), "removed once everything is replayed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_replay_reads_at_most_its_bytes_and_at_least_one_record() {
+        let dir = std::env::temp_dir().join(format!("spill-unit-{}", uuid::Uuid::now_v7()));
+        let one = lines(&[record(1)]).unwrap().len() as u64;
+        let mut spill = Spill::open(&dir, false, 0).await.unwrap();
+        spill.append(&[record(1), record(2), record(3), record(4), record(5)]).await.unwrap();
+        let (records, offset) = spill.peek(10, 2 * one).await.unwrap();
+        assert_eq!(records.len(), 2, "two lines reach the bytes");
+        spill.advance(offset, records.len()).await.unwrap();
+        let (records, offset) = spill.peek(10, 1).await.unwrap();
+        assert_eq!(records.len(), 1, "one record, however large");
+        spill.advance(offset, records.len()).await.unwrap();
+        let (records, _) = spill.peek(2, u64::MAX).await.unwrap();
+        let names: Vec<_> = records.iter().map(|r| r.call.collection.clone().unwrap()).collect();
+        assert_eq!(names, ["c4", "c5"], "then on from there, up to the count");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -210,10 +229,10 @@ mod tests {
         let mut spill = Spill::open(&dir, false, 2 * one + one / 2).await.unwrap();
         assert_eq!(spill.append(&[record(3)]).await.unwrap_err().kind(), std::io::ErrorKind::StorageFull);
         // Replaying only part of the file frees nothing; replaying all of it frees it all.
-        let (records, offset) = spill.peek(1).await.unwrap();
+        let (records, offset) = spill.peek(1, u64::MAX).await.unwrap();
         spill.advance(offset, records.len()).await.unwrap();
         assert_eq!(spill.append(&[record(3)]).await.unwrap_err().kind(), std::io::ErrorKind::StorageFull);
-        let (records, offset) = spill.peek(10).await.unwrap();
+        let (records, offset) = spill.peek(10, u64::MAX).await.unwrap();
         spill.advance(offset, records.len()).await.unwrap();
         spill.append(&[record(3), record(4)]).await.unwrap();
         assert_eq!(spill.waiting(), 2);

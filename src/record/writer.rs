@@ -26,6 +26,11 @@ use crate::store::{Connection, Manager, Pool, is_transient};
 /// Smallest batch replayed from the spill file.
 const REPLAY_BATCH_MIN: usize = 1_000;
 
+/// Most a batch holds, about, whatever its count of records (long filters): a batch
+/// PostgreSQL cannot take within `--write-timeout` would spill, and its replay time out,
+/// over and over. A few MiB take PostgreSQL a fraction of a second.
+const BATCH_MAX_BYTES: usize = 8 << 20;
+
 /// How often the writer tries PostgreSQL again while records wait in the spill file.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -51,6 +56,14 @@ pub struct Writer {
     pub stats: Arc<Stats>,
     pub batch_rows: usize,
     pub queue_capacity: usize,
+    /// `--queue-max-bytes`: the queue's other bound, on the memory its records hold.
+    pub queue_max_bytes: usize,
+    /// Bytes of the records taken from the queue and not yet subtracted from
+    /// [`Stats::queued_bytes`]: subtracted once per round, not per record, so that the
+    /// writer does not contend with the call threads' additions on every record.
+    pub taken_bytes: usize,
+    /// Bytes of the records in the pending batch.
+    pub pending_bytes: usize,
     pub flush_interval: Duration,
     /// PostgreSQL's `statement_timeout` for the writer's statements (zero: none).
     pub write_timeout: Duration,
@@ -68,6 +81,13 @@ pub struct Writer {
     pub priority: Priority,
     /// No idle priority before this: a batch took far longer than its interval.
     pub normal_until: Instant,
+}
+
+/// What waits in the queue.
+#[derive(Debug, Clone, Copy)]
+struct Backlog {
+    records: usize,
+    bytes: usize,
 }
 
 enum WriteError {
@@ -95,7 +115,10 @@ impl Writer {
                 _ = &mut finish, if !finishing => finishing = true,
             }
             let started = Instant::now();
-            let filling = !pending.is_empty() && queue.len() + pending.len() < self.batch_rows;
+            self.release_taken();
+            let filling = !pending.is_empty()
+                && queue.len() + pending.len() < self.batch_rows
+                && self.stats.queued_bytes.load(Ordering::Relaxed) + self.pending_bytes < BATCH_MAX_BYTES;
             if !finishing && filling && !self.flush_interval.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(self.flush_interval) => {}
@@ -103,26 +126,38 @@ impl Writer {
                     _ = &mut finish => finishing = true,
                 }
             }
-            // Falling behind: everything queued goes to disk in this one round; shutting
-            // down: everything queued is written, and the writer stops.
-            let backlog = queue.len();
+            let backlog = Backlog { records: queue.len(), bytes: self.stats.queued_bytes.load(Ordering::Relaxed) };
             self.priority.keep_up(self.behind(backlog));
-            let take_all = finishing || backlog > self.queue_capacity / 2;
-            while take_all || pending.len() < self.batch_rows {
-                match queue.try_recv() {
-                    Ok(facts) => self.push(&mut pending, facts),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        finishing = true;
-                        break;
-                    }
+            // Falling behind: what is queued now goes to disk in this round; shutting down:
+            // everything queued is written, and the writer stops. Either way a batch at a
+            // time, so that what was taken from the queue is never more than one batch
+            // (going to disk, a batch is bounded by its bytes only: an append costs far
+            // less than a transaction, and the queue must drain fast).
+            let behind = self.past(backlog, 2);
+            let mut left = if finishing {
+                usize::MAX
+            } else if behind {
+                backlog.records
+            } else {
+                0
+            };
+            let batch_rows = if behind && !finishing { usize::MAX } else { self.batch_rows };
+            loop {
+                finishing |= self.fill(&mut pending, &mut queue, batch_rows);
+                left = left.saturating_sub(pending.len());
+                self.release_taken();
+                let more = left > 0 && !queue.is_empty();
+                let state = if finishing { Backlog { records: 0, bytes: 0 } } else { backlog };
+                self.flush(&mut pending, state, !more).await;
+                // Written, spilled or rejected: a flush leaves no record pending.
+                self.pending_bytes = 0;
+                if !more {
+                    break;
                 }
             }
             if finishing {
-                self.flush(&mut pending, 0).await;
                 break;
             }
-            self.flush(&mut pending, backlog).await;
             // A batch far slower than its interval: PostgreSQL slow, or this thread starved
             // of CPU at idle priority. Either way the writer stays at normal priority a while.
             if started.elapsed() > self.flush_interval + SLOW_BATCH {
@@ -138,8 +173,23 @@ impl Writer {
         }
     }
 
+    /// Moves queued records into `pending` up to a batch of `batch_rows` and
+    /// [`BATCH_MAX_BYTES`]; true when the queue is closed.
+    fn fill(&mut self, pending: &mut Vec<Record>, queue: &mut mpsc::Receiver<Queued>, batch_rows: usize) -> bool {
+        while pending.len() < batch_rows && self.pending_bytes < BATCH_MAX_BYTES {
+            match queue.try_recv() {
+                Ok(queued) => self.push(pending, queued),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return true,
+            }
+        }
+        false
+    }
+
     fn push(&mut self, pending: &mut Vec<Record>, queued: Queued) {
-        let Queued { facts, ack } = queued;
+        let Queued { facts, ack, bytes } = queued;
+        self.taken_bytes += bytes;
+        self.pending_bytes += bytes;
         match Record::from_facts(facts, &self.settings) {
             Some(record) => {
                 pending.push(record);
@@ -154,6 +204,17 @@ impl Writer {
         }
     }
 
+    fn release_taken(&mut self) {
+        if self.taken_bytes > 0 {
+            self.stats.queued_bytes.fetch_sub(std::mem::take(&mut self.taken_bytes), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `backlog` fills more than `1 / part` of the queue, by count or by bytes.
+    fn past(&self, backlog: Backlog, part: usize) -> bool {
+        backlog.records > self.queue_capacity / part || backlog.bytes > self.queue_max_bytes / part
+    }
+
     /// Tells the callers of the pending batch whether its records are durable now; those
     /// not told (dropped senders) learn that they were lost.
     fn settle(&mut self, durable: bool) {
@@ -164,18 +225,20 @@ impl Writer {
         }
     }
 
-    /// Writes `pending`. `backlog` is how many records wait in the queue: when PostgreSQL
-    /// falls behind (over half the queue), batches go to the spill file, which is far
-    /// cheaper than a transaction, so the queue never fills while the disk has room; they
-    /// are written to PostgreSQL, in order, as it catches up.
-    async fn flush(&mut self, pending: &mut Vec<Record>, backlog: usize) {
-        let behind = backlog > self.queue_capacity / 2;
+    /// Writes `pending`. `backlog` is what waits in the queue: when PostgreSQL falls behind
+    /// (over half the queue, by count or by bytes), batches go to the spill file, which is
+    /// far cheaper than a transaction, so the queue never fills while the disk has room;
+    /// they are written to PostgreSQL, in order, as it catches up: after the `last` batch
+    /// of a round.
+    async fn flush(&mut self, pending: &mut Vec<Record>, backlog: Backlog, last: bool) {
+        let behind = self.past(backlog, 2);
         if self.spill.waiting() > 0 || behind {
             // Older records wait on disk: newer ones queue behind them to keep the order.
             if !pending.is_empty() {
                 if behind && self.spill.waiting() == 0 {
                     tracing::warn!(
-                        backlog,
+                        records = backlog.records,
+                        bytes = backlog.bytes,
                         "PostgreSQL is falling behind: spilling records to disk until it catches up"
                     );
                 }
@@ -183,7 +246,9 @@ impl Writer {
                 self.settle(kept);
             }
             // While behind, one batch per round, so the queue keeps draining.
-            self.replay(if behind { 1 } else { usize::MAX }).await;
+            if last {
+                self.replay(if behind { 1 } else { usize::MAX }).await;
+            }
             return;
         }
         if pending.is_empty() {
@@ -265,7 +330,8 @@ impl Writer {
         for _ in 0..batches {
             // Catching up: batches at least as large as the usual ones, larger when the
             // configured batch is small.
-            let (mut chunk, offset) = match self.spill.peek(self.batch_rows.max(REPLAY_BATCH_MIN)).await {
+            let most = self.batch_rows.max(REPLAY_BATCH_MIN);
+            let (mut chunk, offset) = match self.spill.peek(most, BATCH_MAX_BYTES as u64).await {
                 Ok(read) => read,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the spill file");
@@ -322,9 +388,9 @@ impl Writer {
 
     /// Records back up (with some slack once they have, so the priority does not flap),
     /// or wait in the spill file to be replayed.
-    fn behind(&self, backlog: usize) -> bool {
-        let limit = if self.priority.is_idle() { self.queue_capacity / 16 } else { self.queue_capacity / 64 };
-        backlog > limit || self.spill.waiting() > 0 || Instant::now() < self.normal_until
+    fn behind(&self, backlog: Backlog) -> bool {
+        let part = if self.priority.is_idle() { 16 } else { 64 };
+        self.past(backlog, part) || self.spill.waiting() > 0 || Instant::now() < self.normal_until
     }
 
     async fn try_write(&mut self, records: &[Record], replay: bool) -> Result<usize, Failure> {

@@ -84,6 +84,7 @@ struct Pulled {
     password_checks: IntCounter,
     auth_changes: IntCounterVec,
     queue_depth: IntGauge,
+    queue_bytes: IntGauge,
     rows_written: IntCounter,
     rows_spilled: IntCounter,
     rows_replayed: IntCounter,
@@ -153,6 +154,7 @@ impl Metrics {
             Box::new(pulled.password_checks.clone()),
             Box::new(pulled.auth_changes.clone()),
             Box::new(pulled.queue_depth.clone()),
+            Box::new(pulled.queue_bytes.clone()),
             Box::new(pulled.rows_written.clone()),
             Box::new(pulled.rows_spilled.clone()),
             Box::new(pulled.rows_replayed.clone()),
@@ -255,6 +257,7 @@ impl Metrics {
             set_counter(&p.rows_rejected, stats.records_rejected.load(Ordering::Relaxed));
             set_counter(&p.rows_dropped, stats.records_dropped.load(Ordering::Relaxed));
             p.queue_depth.set(recorder.queue_depth() as i64);
+            p.queue_bytes.set(i64::try_from(recorder.queue_bytes()).unwrap_or(i64::MAX));
         }
         if let Some(auth) = &sources.auth {
             let s = &auth.stats;
@@ -348,6 +351,10 @@ impl Pulled {
             )
             .expect("valid metric"),
             queue_depth: gauge("milvus_sidecar_recording_queue_depth", "Call records waiting for the writer"),
+            queue_bytes: gauge(
+                "milvus_sidecar_recording_queue_bytes",
+                "Memory the call records waiting for the writer hold, about (bounded by --queue-max-bytes)",
+            ),
             rows_written: counter("milvus_sidecar_recording_rows_written_total", "Rows written to PostgreSQL"),
             rows_spilled: counter(
                 "milvus_sidecar_recording_rows_spilled_total",

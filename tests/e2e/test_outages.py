@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 
+import psycopg
 import pytest
 
 from load import (
@@ -23,9 +26,9 @@ from load import (
     setup_collections,
     wait_until_stable,
 )
-from pgdb import Db, conn_params, url_with_db
+from pgdb import Db, conn_params, url_with_db, wait_for
 from relay import Relay
-from services import log_tail, run_cli, start_milvus_lite, start_sidecar, stop_sidecar_checked
+from services import http_get, log_tail, run_cli, start_milvus_lite, start_sidecar, stop_sidecar_checked
 
 THREADS = 3
 RATE = 25.0  # calls per second per worker
@@ -187,3 +190,84 @@ def test_postgres_restart_under_load(binaries, milvus_lite, e2e_dir, new_databas
     assert not failed, f"calls failed during the PostgreSQL outage: {failed[:5]}\n{log_tail(sidecar.log)}"
     assert "spilling records to disk" in log, "the outage was noticed"
     assert "every spilled record has now been written to PostgreSQL" in log
+
+
+def test_long_filters_while_postgres_is_stuck(binaries, milvus_lite, e2e_dir, new_database):
+    """A writer held by a locked table (each of its statements cancelled after the 2 s
+    --write-timeout) while clients send Query calls with long filters (`id in [...]` over
+    32 000 ids, 256 KB each): the sidecar's memory stays near --queue-max-bytes, what does not
+    fit is dropped and counted rather than held, and once the lock is gone every record it
+    kept arrives, in batches PostgreSQL takes within the timeout.
+
+    The Query goes to a collection Milvus does not have, so that Milvus answers at once (it
+    would take a third of a second to evaluate such a filter) and the records pile up fast."""
+    import grpc
+    from pymilvus.grpc_gen import milvus_pb2, milvus_pb2_grpc
+
+    cap = 16 << 20
+    _, url = new_database("long_filters")
+    sidecar = start_sidecar(binaries["sidecar"], milvus_lite.port, e2e_dir / "long-filters.log",
+                            database_url=url, auth=False, spill_dir=e2e_dir / "long-filters-spill",
+                            extra_args=("--queue-max-bytes", str(cap)))
+    expr = "id in [" + ",".join(str(1_000_000 + i) for i in range(32_000)) + "]"
+    request = milvus_pb2.QueryRequest(collection_name="e2e_long_filters_absent", expr=expr, output_fields=["id"])
+    channels = [grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") for _ in range(2)]
+    db = Db(url)
+    try:
+        milvus_pb2_grpc.MilvusServiceStub(channels[0]).Query(request, timeout=10)
+        rows = "SELECT count(*) FROM query_logs"
+        assert wait_for(lambda: db.value(rows), lambda n: n == 1) == 1, "the first call's row"
+        status = Path(f"/proc/{sidecar.proc.pid}/status")
+        before = kib(status, "VmRSS")
+        lock = psycopg.connect(url)
+        lock.execute("LOCK TABLE query_logs IN ACCESS EXCLUSIVE MODE")
+        made = [0] * len(channels)
+        stop = time.monotonic() + 5
+
+        def load(i: int) -> None:
+            stub = milvus_pb2_grpc.MilvusServiceStub(channels[i])
+            while time.monotonic() < stop:
+                reply = stub.Query(request, timeout=10)
+                assert reply.status.code != 0, "Milvus has no such collection"
+                made[i] += 1
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(len(channels))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        peak = kib(status, "VmHWM")
+        dropped = int(metric(sidecar, "milvus_sidecar_recording_rows_dropped_total"))
+        held = int(metric(sidecar, "milvus_sidecar_recording_queue_bytes"))
+        lock.rollback()
+        lock.close()
+        calls = sum(made)
+        kept = 1 + calls - dropped
+        arrived = wait_for(lambda: db.value(rows), lambda n: n >= kept, timeout=90)
+    finally:
+        for c in channels:
+            c.close()
+        db.close()
+        stop_sidecar_checked(sidecar)
+    grown = (peak - before) / 1024
+    print(f"\nlong filters, PostgreSQL stuck: {calls} calls in 5 s, {dropped} records dropped, "
+          f"{held} bytes queued at the end, RSS {before / 1024:.1f} -> peak {peak / 1024:.1f} MiB")
+    assert 0 < dropped < calls, "the queue reached its bytes and took what fitted"
+    assert held <= cap, held
+    # The queue (16 MiB), one batch taken from it and its encoding (8 MiB each), the calls'
+    # buffers and what the allocator keeps: about 50 MiB here, where the same load piled up
+    # gigabytes without the bound.
+    assert grown < 96, f"RSS grew by {grown:.1f} MiB"
+    assert arrived == kept, f"{arrived} rows for {kept} records kept"
+    assert "record queue full" in sidecar.log_text() and "--queue-max-bytes" in sidecar.log_text()
+
+
+def kib(status: Path, field: str) -> int:
+    line = next(ln for ln in status.read_text().splitlines() if ln.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def metric(service, name: str) -> float:
+    text = http_get(f"{service.admin_url}/metrics")[1]
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    return float(line.split()[1])
