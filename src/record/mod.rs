@@ -160,7 +160,6 @@ impl Recording {
                     batch_rows,
                     queue_capacity,
                     queue_max_bytes,
-                    taken_bytes: 0,
                     pending_bytes: 0,
                     flush_interval,
                     write_timeout,

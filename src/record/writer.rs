@@ -58,11 +58,10 @@ pub struct Writer {
     pub queue_capacity: usize,
     /// `--queue-max-bytes`: the queue's other bound, on the memory its records hold.
     pub queue_max_bytes: usize,
-    /// Bytes of the records taken from the queue and not yet subtracted from
-    /// [`Stats::queued_bytes`]: subtracted once per round, not per record, so that the
-    /// writer does not contend with the call threads' additions on every record.
-    pub taken_bytes: usize,
-    /// Bytes of the records in the pending batch.
+    /// Bytes of the records in the pending batch. They stay counted in
+    /// [`Stats::queued_bytes`] until the batch is complete, and are subtracted then, once
+    /// per batch rather than per record, so that the writer does not contend with the call
+    /// threads' additions on every record.
     pub pending_bytes: usize,
     pub flush_interval: Duration,
     /// PostgreSQL's `statement_timeout` for the writer's statements (zero: none).
@@ -115,10 +114,9 @@ impl Writer {
                 _ = &mut finish, if !finishing => finishing = true,
             }
             let started = Instant::now();
-            self.release_taken();
             let filling = !pending.is_empty()
                 && queue.len() + pending.len() < self.batch_rows
-                && self.stats.queued_bytes.load(Ordering::Relaxed) + self.pending_bytes < BATCH_MAX_BYTES;
+                && self.stats.queued_bytes.load(Ordering::Relaxed) < BATCH_MAX_BYTES;
             if !finishing && filling && !self.flush_interval.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(self.flush_interval) => {}
@@ -126,7 +124,8 @@ impl Writer {
                     _ = &mut finish => finishing = true,
                 }
             }
-            let backlog = Backlog { records: queue.len(), bytes: self.stats.queued_bytes.load(Ordering::Relaxed) };
+            let queued_bytes = self.stats.queued_bytes.load(Ordering::Relaxed).saturating_sub(self.pending_bytes);
+            let backlog = Backlog { records: queue.len(), bytes: queued_bytes };
             self.priority.keep_up(self.behind(backlog));
             // Falling behind: what is queued now goes to disk in this round; shutting down:
             // everything queued is written, and the writer stops. Either way a batch at a
@@ -145,7 +144,7 @@ impl Writer {
             loop {
                 finishing |= self.fill(&mut pending, &mut queue, batch_rows);
                 left = left.saturating_sub(pending.len());
-                self.release_taken();
+                self.stats.queued_bytes.fetch_sub(self.pending_bytes, Ordering::Relaxed);
                 let more = left > 0 && !queue.is_empty();
                 let state = if finishing { Backlog { records: 0, bytes: 0 } } else { backlog };
                 self.flush(&mut pending, state, !more).await;
@@ -188,7 +187,6 @@ impl Writer {
 
     fn push(&mut self, pending: &mut Vec<Record>, queued: Queued) {
         let Queued { facts, ack, bytes } = queued;
-        self.taken_bytes += bytes;
         self.pending_bytes += bytes;
         match Record::from_facts(facts, &self.settings) {
             Some(record) => {
@@ -201,12 +199,6 @@ impl Writer {
                     let _ = ack.send(());
                 }
             }
-        }
-    }
-
-    fn release_taken(&mut self) {
-        if self.taken_bytes > 0 {
-            self.stats.queued_bytes.fetch_sub(std::mem::take(&mut self.taken_bytes), Ordering::Relaxed);
         }
     }
 
