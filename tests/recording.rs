@@ -572,10 +572,7 @@ async fn a_queue_at_its_bytes_drops_the_rest_and_counts_them() {
     let locker = db.client().await;
     locker.batch_execute("BEGIN; LOCK TABLE query_logs IN ACCESS EXCLUSIVE MODE").await.unwrap();
     client.unary("Query", query_with_filter(FILTER)).await.unwrap();
-    let waiting = "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'milvus-sidecar'
-           AND wait_event_type = 'Lock' AND query LIKE 'COPY query_logs%'";
-    assert_eq!(db.wait_for_count(waiting, 1).await, 1, "the writer is stuck on the lock");
+    assert_eq!(db.writers_waiting_on("query_logs").await, 1, "the writer is stuck on the lock");
 
     for _ in 0..CALLS {
         client.unary("Query", query_with_filter(FILTER)).await.expect("calls go on while records are dropped");

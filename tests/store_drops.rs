@@ -32,10 +32,7 @@ async fn a_full_queue_drops_records_and_counts_and_logs_what_it_dropped() {
     let lock = admin.transaction().await.unwrap();
     lock.batch_execute("LOCK TABLE performance_metrics IN ACCESS EXCLUSIVE MODE").await.unwrap();
     client.unary("GetVersion", Bytes::new()).await.unwrap();
-    let waiting = "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'milvus-sidecar'
-           AND wait_event_type = 'Lock' AND query LIKE 'COPY performance_metrics%'";
-    assert_eq!(db.wait_for_count(waiting, 1).await, 1, "the writer is stuck on the lock");
+    assert_eq!(db.writers_waiting_on("performance_metrics").await, 1, "the writer is stuck on the lock");
 
     let calls = 20;
     for _ in 0..calls {

@@ -80,6 +80,17 @@ impl TestDb {
         found
     }
 
+    /// How many of the sidecar's connections wait for a lock in a `COPY` into `table` (its
+    /// writer, held up by a lock the test took), once that is 1 or after 10 s.
+    pub async fn writers_waiting_on(&self, table: &str) -> i64 {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'milvus-sidecar'
+               AND wait_event_type = 'Lock' AND query LIKE 'COPY {table}%'"
+        );
+        self.wait_for_count(&sql, 1).await
+    }
+
     /// Polls `sql` (a count) until it returns `want` or 10 s pass; returns the last value.
     pub async fn wait_for_count(&self, sql: &str, want: i64) -> i64 {
         let client = self.client().await;

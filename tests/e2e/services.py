@@ -69,6 +69,28 @@ def http_get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode("utf-8", "replace")
 
 
+def scrape(sidecar) -> str:
+    """The sidecar's /metrics, as text."""
+    status, body = http_get(f"{sidecar.admin_url}/metrics")
+    assert status == 200, f"GET /metrics answered {status}: {body[:300]}"
+    return body
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    result = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            result += float(m.group(3))
+    return result
+
+
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()

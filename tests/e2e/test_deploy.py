@@ -10,7 +10,6 @@ reading nothing.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from milvus_workflow import DIM
-from services import http_get
+from services import scrape, total
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "deploy" / "grafana"))
@@ -125,27 +124,6 @@ def test_a_complete_scrape_lacks_nothing():
 
 
 # ------------------------------------------------------------- against the running sidecar
-
-
-def scrape(sidecar) -> str:
-    status, body = http_get(f"{sidecar.admin_url}/metrics")
-    assert status == 200, f"GET /metrics answered {status}: {body[:300]}"
-    return body
-
-
-def total(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    result = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
-        if not m or m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            result += float(m.group(3))
-    return result
 
 
 def make_traffic(sidecar) -> int:

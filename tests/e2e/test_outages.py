@@ -28,7 +28,7 @@ from load import (
 )
 from pgdb import Db, conn_params, url_with_db, wait_for
 from relay import Relay
-from services import http_get, log_tail, run_cli, start_milvus_lite, start_sidecar, stop_sidecar_checked
+from services import log_tail, run_cli, scrape, start_milvus_lite, start_sidecar, stop_sidecar_checked, total
 
 THREADS = 3
 RATE = 25.0  # calls per second per worker
@@ -237,8 +237,10 @@ def test_long_filters_while_postgres_is_stuck(binaries, milvus_lite, e2e_dir, ne
         for t in threads:
             t.join()
         peak = kib(status, "VmHWM")
-        dropped = int(metric(sidecar, "milvus_sidecar_recording_rows_dropped_total"))
-        held = int(metric(sidecar, "milvus_sidecar_recording_queue_bytes"))
+        metrics = scrape(sidecar)
+        assert "\nmilvus_sidecar_recording_queue_bytes " in metrics, metrics
+        dropped = int(total(metrics, "milvus_sidecar_recording_rows_dropped_total"))
+        held = int(total(metrics, "milvus_sidecar_recording_queue_bytes"))
         lock.rollback()
         lock.close()
         calls = sum(made)
@@ -265,9 +267,3 @@ def test_long_filters_while_postgres_is_stuck(binaries, milvus_lite, e2e_dir, ne
 def kib(status: Path, field: str) -> int:
     line = next(ln for ln in status.read_text().splitlines() if ln.startswith(field + ":"))
     return int(line.split()[1])
-
-
-def metric(service, name: str) -> float:
-    text = http_get(f"{service.admin_url}/metrics")[1]
-    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
-    return float(line.split()[1])
