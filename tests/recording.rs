@@ -394,6 +394,36 @@ async fn system_config_changes_apply_without_a_restart() {
     assert_eq!(db.count("SELECT count(*) FROM ingestion_logs").await, 1);
 }
 
+/// A client that gives up on a call while Milvus works on it: the call is still recorded,
+/// as cancelled, and no longer counted in flight.
+#[tokio::test]
+async fn a_call_the_client_cancels_is_recorded_as_cancelled() {
+    let db = TestDb::create().await;
+    let upstream = fake_milvus().await;
+    let (app, _spill) = start_app(upstream.addr, db.url()).await;
+    let mut client = RawClient::connect(app.running.listen_addr).await;
+
+    let mut slow = tonic::Request::new(search("c"));
+    slow.metadata_mut().insert("x-fake-delay-ms", MetadataValue::from_static("3000"));
+    // Dropping the call's future resets its stream, as a cancelled gRPC call does.
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), client.unary_with("Search", slow)).await;
+    assert!(gave_up.is_err(), "the call ended before the client gave up: {gave_up:?}");
+    assert_eq!(upstream.count("Search"), 1, "the call had reached Milvus");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while app.calls_in_flight.get() != 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.calls_in_flight.get(), 0, "the cancelled call is no longer in flight");
+    app.shutdown().await;
+
+    let c = db.client().await;
+    let row = c.query_one("SELECT success, error_message FROM query_logs", &[]).await.unwrap();
+    assert!(!row.get::<_, bool>(0));
+    let message: Option<String> = row.get(1);
+    assert!(message.as_deref().is_some_and(|m| m.contains("cancelled")), "{message:?}");
+    assert_eq!(db.count("SELECT count(*) FROM performance_metrics").await, 1);
+}
+
 #[tokio::test]
 async fn migrations_apply_once_and_partitions_follow_retention() {
     let db = TestDb::create().await;

@@ -295,10 +295,10 @@ impl Shared {
     }
 
     /// The upstream's reply on its way to the client, observed.
-    fn observed(&self, reply: Response<ReplyBody>, call: InFlight) -> Response<Body> {
+    fn observed(&self, reply: Response<ReplyBody>, call: Pending) -> Response<Body> {
         let (mut parts, inner) = reply.into_parts();
         let upstream = self.upstream.name().clone();
-        let observed = Observed::new(parts.status, &mut parts.headers, inner, Pending::new(call), upstream);
+        let observed = Observed::new(parts.status, &mut parts.headers, inner, call, upstream);
         Response::from_parts(parts, Body::Observed(observed))
     }
 
@@ -306,7 +306,7 @@ impl Shared {
     async fn filtered_listing(
         &self,
         reply: Response<ReplyBody>,
-        call: InFlight,
+        call: Pending,
         auth: &Authority,
         principal: &Principal,
         database: String,
@@ -348,7 +348,7 @@ impl Shared {
         };
         let mut parts = parts;
         parts.headers.remove(grpc::GRPC_ENCODING);
-        let mut pending = Pending::new(call);
+        let mut pending = call;
         pending.set_sizes(body.len() as u64);
         let receipt = pending.finish(outcome.unwrap_or_default());
         Response::from_parts(parts, Body::Complete { data: Some(body), receipt, trailers })
@@ -370,7 +370,7 @@ impl Shared {
         }
     }
 
-    fn start_call(&self, method: Method, parts: &http::request::Parts, peer: SocketAddr, started: Instant) -> InFlight {
+    fn start_call(&self, method: Method, parts: &http::request::Parts, peer: SocketAddr, started: Instant) -> Pending {
         let headers = &parts.headers;
         let database = crate::auth::identity::database(headers);
         // The header values point into the connection's read buffer: the record, which may
@@ -378,7 +378,7 @@ impl Shared {
         let detached = |v: &http::HeaderValue| http::HeaderValue::from_bytes(v.as_bytes()).ok();
         self.telemetry.call_started();
         let started_at = SystemTime::now();
-        InFlight {
+        Pending::new(InFlight {
             facts: CallFacts {
                 id: crate::facts::call_id(started_at),
                 started_at,
@@ -407,7 +407,7 @@ impl Shared {
             on_created: None,
             request_seen: None,
             request_scan: None,
-        }
+        })
     }
 }
 
@@ -460,9 +460,9 @@ async fn by_deadline<T>(
 }
 
 /// Ends a call with the sidecar's own status, recorded like any other outcome.
-fn answer_ourselves(call: InFlight, refusal: ProxyError) -> Response<Body> {
+fn answer_ourselves(call: Pending, refusal: ProxyError) -> Response<Body> {
     let status = refusal.to_status();
-    match Pending::new(call).finish(Outcome::grpc(status.code(), status.message())) {
+    match call.finish(Outcome::grpc(status.code(), status.message())) {
         None => status.into_http(),
         Some(receipt) => observe::held_status(&status, receipt),
     }

@@ -30,8 +30,25 @@ use crate::record::{NotDurable, Receipt, Recorder};
 use crate::telemetry::Telemetry;
 
 /// A call whose facts will be recorded exactly once: when it is dropped, or earlier when it
-/// is finished (or, with a durable recorder, when its status arrives).
+/// is finished (or, with a durable recorder, when its status arrives). A call is held as
+/// one from its start, so that a call dropped anywhere (its client reset the stream) is
+/// still recorded, as cancelled.
 pub struct Pending(Option<Box<InFlight>>);
+
+/// The call while the proxy handles it, before it is finished or handed to its reply.
+impl std::ops::Deref for Pending {
+    type Target = InFlight;
+
+    fn deref(&self) -> &InFlight {
+        self.0.as_deref().expect("a call is used only until it is finished")
+    }
+}
+
+impl std::ops::DerefMut for Pending {
+    fn deref_mut(&mut self) -> &mut InFlight {
+        self.0.as_deref_mut().expect("a call is used only until it is finished")
+    }
+}
 
 pub struct InFlight {
     pub facts: CallFacts,
