@@ -306,7 +306,7 @@ impl Shared {
     async fn filtered_listing(
         &self,
         reply: Response<ReplyBody>,
-        call: Pending,
+        mut call: Pending,
         auth: &Authority,
         principal: &Principal,
         database: String,
@@ -348,9 +348,8 @@ impl Shared {
         };
         let mut parts = parts;
         parts.headers.remove(grpc::GRPC_ENCODING);
-        let mut pending = call;
-        pending.set_sizes(body.len() as u64);
-        let receipt = pending.finish(outcome.unwrap_or_default());
+        call.set_sizes(body.len() as u64);
+        let receipt = call.finish(outcome.unwrap_or_default());
         Response::from_parts(parts, Body::Complete { data: Some(body), receipt, trailers })
     }
 
