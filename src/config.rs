@@ -383,11 +383,22 @@ pub struct ListenerLimits {
     /// Largest header block (decoded, as HTTP/2 counts it) of one call; larger ones are refused.
     #[arg(long, env = "MILVUS_SIDECAR_MAX_HEADER_LIST_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_header_list_bytes: u32,
+
+    /// Longest a client may take, from connecting, to finish its TLS handshake (with TLS)
+    /// and send the HTTP/2 preface. Past it the connection is closed, so connections that
+    /// never speak do not hold --max-connections slots.
+    #[arg(long, env = "MILVUS_SIDECAR_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_handshake_timeout)]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ListenerLimits {
     fn default() -> Self {
-        ListenerLimits { max_connections: 4096, max_concurrent_streams: 1024, max_header_list_bytes: 64 * 1024 }
+        ListenerLimits {
+            max_connections: 4096,
+            max_concurrent_streams: 1024,
+            max_header_list_bytes: 64 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -524,6 +535,14 @@ fn parse_busy_poll(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(window)
+}
+
+fn parse_handshake_timeout(s: &str) -> Result<Duration, String> {
+    let limit = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if limit.is_zero() {
+        return Err("0 would close every connection before it could speak; give a time such as 10s".into());
+    }
+    Ok(limit)
 }
 
 fn parse_upstream(s: &str) -> Result<http::Uri, String> {
@@ -749,6 +768,15 @@ pub struct AuditArgs {
 mod tests {
     use super::*;
 
+    /// `milvus-sidecar serve` with these flags.
+    fn serve_with(args: &[&str]) -> Result<Config, clap::Error> {
+        let argv = ["milvus-sidecar", "serve"].iter().chain(args).copied();
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Serve(cfg) => *cfg,
+            _ => panic!("serve parses as Serve"),
+        })
+    }
+
     #[test]
     fn upstream_must_be_plain_http_with_an_authority() {
         assert!(parse_upstream("http://milvus:19530").is_ok());
@@ -759,9 +787,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_documented_ports() {
-        let cli = Cli::try_parse_from(["milvus-sidecar", "serve"]).unwrap();
-        let Command::Serve(cfg) = cli.command else { panic!("serve parses as Serve") };
-        let cfg = *cfg;
+        let cfg = serve_with(&[]).unwrap();
         assert_eq!(cfg.listen.port(), 19538);
         assert_eq!(cfg.admin_listen.port(), 9531);
         assert_eq!(cfg.upstream, "http://127.0.0.1:19530");
@@ -773,14 +799,17 @@ mod tests {
     }
 
     #[test]
+    fn the_handshake_timeout_is_ten_seconds_unless_asked_and_never_zero() {
+        let serve = |args: &[&str]| serve_with(args).map(|cfg| cfg.limits.handshake_timeout);
+        assert_eq!(serve(&[]).unwrap(), Duration::from_secs(10));
+        assert_eq!(serve(&["--handshake-timeout", "3s"]).unwrap(), Duration::from_secs(3));
+        let err = serve(&["--handshake-timeout", "0s"]).unwrap_err().to_string();
+        assert!(err.contains("would close every connection"), "{err}");
+    }
+
+    #[test]
     fn busy_poll_is_off_unless_asked_and_at_most_a_millisecond() {
-        let serve = |args: &[&str]| {
-            let argv = ["milvus-sidecar", "serve"].iter().chain(args).copied().collect::<Vec<_>>();
-            Cli::try_parse_from(argv).map(|cli| match cli.command {
-                Command::Serve(cfg) => cfg.busy_poll,
-                _ => panic!("serve parses as Serve"),
-            })
-        };
+        let serve = |args: &[&str]| serve_with(args).map(|cfg| cfg.busy_poll);
         assert_eq!(serve(&[]).unwrap(), Duration::ZERO);
         assert_eq!(serve(&["--busy-poll", "50us"]).unwrap(), Duration::from_micros(50));
         let err = serve(&["--busy-poll", "5ms"]).unwrap_err().to_string();

@@ -10,7 +10,7 @@ use common::bin::Process;
 use common::fake::FakeUpstream;
 use common::pg::TestDb;
 use common::relay::Relay;
-use common::{RawClient, encode, http_get, sample};
+use common::{RawClient, at_least, encode, http_get, sample};
 use milvus::proto::common::Status as MilvusStatus;
 use milvus::proto::milvus::{
     CreateCollectionRequest, CreateIndexRequest, DescribeIndexRequest, DescribeIndexResponse, DropIndexRequest,
@@ -514,19 +514,6 @@ async fn a_service_credential_replaces_the_callers_towards_milvus() {
     let expected = base64::engine::general_purpose::STANDARD.encode("alice:alice-pw");
     assert_eq!(seen.headers["authorization"], expected.as_str());
     s.app.shutdown().await;
-}
-
-/// Waits (up to 5 s) for the sample `series` on the admin listener to reach `value`; returns it.
-async fn at_least(admin: std::net::SocketAddr, series: &str, value: f64) -> f64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = sample(&http_get(admin, "/metrics").await.1, series);
-        if now >= value {
-            return now;
-        }
-        assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, waiting for {value}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::fake::FakeUpstream;
-use common::{RawClient, RawCodec, SERVICE, Sidecar, framed, h2_connect, path};
+use common::{RawClient, RawCodec, SERVICE, Sidecar, at_least, at_most, framed, h2_connect, http_get, path, sample};
 use http_body_util::BodyExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -99,6 +99,72 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
     let reply = tokio::time::timeout(Duration::from_secs(5), second).await.expect("served after the first closed");
     reply.unwrap().expect("the waiting call succeeds");
     assert_eq!(upstream.count("Echo"), 2);
+}
+
+#[tokio::test]
+async fn a_connection_that_never_speaks_is_closed_at_the_handshake_timeout_and_frees_its_slot() {
+    let upstream = FakeUpstream::start().await;
+    let sidecar = Sidecar::start_with(upstream.addr, |c| {
+        c.limits.max_connections = 1;
+        c.limits.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Connected first, so accepted first (the listen backlog is first in, first out): it
+    // holds the only slot and sends nothing.
+    let mut silent = tokio::net::TcpStream::connect(sidecar.addr()).await.unwrap();
+    let started = Instant::now();
+    let mut client = RawClient::connect_lazy(sidecar.addr());
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.unary("Echo", Bytes::from_static(b"\x0a\x01a")))
+        .await
+        .expect("served once the silent connection is closed");
+    reply.expect("the waiting call succeeds");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(250), "the call waited for the slot the silent one held: {took:?}");
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncReadExt::read(&mut silent, &mut byte))
+        .await
+        .expect("the silent connection was closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without a byte: {read:?}");
+
+    let admin = sidecar.running.admin_addr;
+    at_least(admin, r#"milvus_sidecar_client_connections_unserved_total{reason="handshake_timeout"}"#, 1.0).await;
+    let scrape = http_get(admin, "/metrics").await.1;
+    assert_eq!(sample(&scrape, "milvus_sidecar_client_connections"), 1.0, "the served client's, open: {scrape}");
+    assert_eq!(sample(&scrape, "milvus_sidecar_client_connections_limit"), 1.0, "{scrape}");
+    drop(client);
+    at_most(admin, "milvus_sidecar_client_connections", 0.0).await;
+}
+
+#[tokio::test]
+async fn an_http1_request_is_answered_that_grpc_needs_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = FakeUpstream::start().await;
+    let sidecar = Sidecar::start(upstream.addr).await;
+    let mut http1 = tokio::net::TcpStream::connect(sidecar.addr()).await.unwrap();
+    http1.write_all(b"GET /healthz HTTP/1.1\r\nhost: sidecar\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), http1.read_to_string(&mut answer))
+        .await
+        .expect("answered and closed at once")
+        .expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 505 HTTP Version Not Supported\r\n"), "{answer}");
+    assert!(answer.contains("gRPC over HTTP/2 only") && answer.contains("/readyz"), "{answer}");
+
+    let mut client = sidecar.raw_client().await;
+    client.unary("Echo", Bytes::from_static(b"\x0a\x01a")).await.expect("gRPC clients are served as before");
+    assert_eq!(upstream.count("Echo"), 1);
+
+    // As a TCP health check does: connect, then close having sent nothing.
+    drop(tokio::net::TcpStream::connect(sidecar.addr()).await.unwrap());
+    let admin = sidecar.running.admin_addr;
+    let unserved = |reason: &str| format!(r#"milvus_sidecar_client_connections_unserved_total{{reason="{reason}"}}"#);
+    at_least(admin, &unserved("closed"), 1.0).await;
+    drop(http1);
+    at_least(admin, &unserved("not_http2"), 1.0).await;
+    let scrape = http_get(admin, "/metrics").await.1;
+    assert_eq!(sample(&scrape, &unserved("not_http2")), 1.0, "{scrape}");
+    assert_eq!(sample(&scrape, &unserved("closed")), 1.0, "{scrape}");
+    assert_eq!(sample(&scrape, &unserved("handshake_timeout")), 0.0, "{scrape}");
 }
 
 #[tokio::test]

@@ -5,13 +5,16 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::certs::{Ca, Leaf, temp_dir, write};
 use common::fake::FakeUpstream;
-use common::{RawCodec, Sidecar, path};
+use common::{RawCodec, Sidecar, at_least, path};
 use milvus_sidecar::config::Config;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// The listener's files, in a directory of the test's own.
@@ -96,6 +99,55 @@ async fn a_client_trusting_the_ca_gets_through_and_one_without_it_is_refused() {
         assert!(call.await.is_err(), "plaintext call on the TLS listener must fail");
     }
     assert_eq!(upstream.count("Echo"), 1, "refused clients reach nothing");
+    // Two clients without the right CA and one without TLS.
+    let series = r#"milvus_sidecar_client_connections_unserved_total{reason="tls_refused"}"#;
+    at_least(sidecar.running.admin_addr, series, 3.0).await;
+}
+
+#[tokio::test]
+async fn a_tls_client_that_sends_no_preface_is_closed_at_the_handshake_timeout() {
+    let upstream = FakeUpstream::start().await;
+    let ca = Ca::new("test CA");
+    let files = Files::new("tls-silent", &ca.server());
+    let sidecar = Sidecar::start_with(upstream.addr, |c| {
+        files.serve(c);
+        c.limits.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+
+    // As a TCP health check does: connect, then close having sent nothing.
+    drop(tokio::net::TcpStream::connect(sidecar.addr()).await.unwrap());
+    let admin = sidecar.running.admin_addr;
+    let unserved = |reason: &str| format!(r#"milvus_sidecar_client_connections_unserved_total{{reason="{reason}"}}"#);
+    at_least(admin, &unserved("closed"), 1.0).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(sidecar.addr()).await.unwrap();
+    let started = Instant::now();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("the TLS handshake itself succeeds");
+    // The handshake done, the client says nothing more: the deadline still runs.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut tls, &mut byte))
+        .await
+        .expect("closed by the sidecar");
+    let took = started.elapsed();
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without a byte of HTTP/2: {read:?}");
+    assert!(took >= Duration::from_millis(400), "closed at the deadline, not before: {took:?}");
+
+    let echoed = echo_over_tls(sidecar.addr(), Some(&ca.pem), None).await.expect("a TLS client that speaks is served");
+    assert_eq!(&echoed[..], b"\x0a\x02hi");
+    assert_eq!(at_least(admin, &unserved("handshake_timeout"), 1.0).await, 1.0);
+    let scrape = common::http_get(admin, "/metrics").await.1;
+    assert_eq!(common::sample(&scrape, &unserved("tls_refused")), 0.0, "{scrape}");
 }
 
 #[tokio::test]

@@ -115,7 +115,7 @@ impl Link {
             // slow client holds at most a window per call and four in all, unread.
             .initial_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
-            // Frames as on the client side (server.rs).
+            // Frames as on the client side (src/server/mod.rs).
             .max_frame_size(256 << 10);
         Link {
             connector,

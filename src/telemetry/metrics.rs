@@ -47,6 +47,38 @@ impl Outcome {
     }
 }
 
+/// Why a client connection was closed before HTTP/2 began on it (the `reason` label of
+/// `milvus_sidecar_client_connections_unserved_total`).
+#[derive(Clone, Copy, Debug)]
+pub enum Unserved {
+    /// It closed, or was reset, before sending anything: a TCP health check, a port scan.
+    Closed = 0,
+    /// Its TLS handshake failed (untrusted certificate, none where one is required, not TLS).
+    TlsRefused = 1,
+    /// Its TLS handshake or HTTP/2 preface was not done within `--handshake-timeout`.
+    HandshakeTimeout = 2,
+    /// It spoke something other than HTTP/2: HTTP/1, TLS to a plaintext listener, other bytes.
+    NotHttp2 = 3,
+}
+
+const UNSERVED: [&str; 4] = ["closed", "tls_refused", "handshake_timeout", "not_http2"];
+
+/// The client connections' series.
+struct ConnectionSeries {
+    open: IntGauge,
+    limit: IntGauge,
+    unserved: [IntCounter; 4],
+}
+
+/// A client connection, counted as open until dropped.
+pub struct OpenConnection(IntGauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// One method's series, resolved once.
 struct MethodSeries {
     calls: [IntCounter; 4],
@@ -72,6 +104,7 @@ pub struct Metrics {
     overhead: HistogramVec,
     upstream: HistogramVec,
     pub(super) inflight: IntGauge,
+    connections: ConnectionSeries,
     collections: Collections,
     pulled: Pulled,
     sources: Mutex<Sources>,
@@ -138,6 +171,23 @@ impl Metrics {
         let inflight = IntGauge::new("milvus_sidecar_inflight_calls", "Calls in progress").expect("valid metric");
         let collections = Collections::new(args);
         let pulled = Pulled::new();
+        let unserved = IntCounterVec::new(
+            Opts::new(
+                "milvus_sidecar_client_connections_unserved_total",
+                "Client connections closed before HTTP/2 began on them, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let connections = ConnectionSeries {
+            open: IntGauge::new("milvus_sidecar_client_connections", "Client connections open").expect("valid metric"),
+            limit: IntGauge::new(
+                "milvus_sidecar_client_connections_limit",
+                "Client connections served at once (--max-connections); past it, new ones wait",
+            )
+            .expect("valid metric"),
+            unserved: UNSERVED.map(|reason| unserved.with_label_values(&[reason])),
+        };
         let build_info = IntGaugeVec::new(Opts::new("milvus_sidecar_build_info", "The running build"), &["version"])
             .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -148,6 +198,9 @@ impl Metrics {
             Box::new(overhead.clone()),
             Box::new(upstream.clone()),
             Box::new(inflight.clone()),
+            Box::new(connections.open.clone()),
+            Box::new(connections.limit.clone()),
+            Box::new(unserved),
             Box::new(collections.calls.clone()),
             Box::new(pulled.auth_decisions.clone()),
             Box::new(pulled.auth_cache.clone()),
@@ -180,10 +233,26 @@ impl Metrics {
             overhead,
             upstream,
             inflight,
+            connections,
             collections,
             pulled,
             sources: Mutex::default(),
         }
+    }
+
+    /// Shows the listener's `--max-connections`.
+    pub fn connections_limited_to(&self, max: u32) {
+        self.connections.limit.set(i64::from(max));
+    }
+
+    /// Counts a client connection as open until the value returned is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.connections.open.inc();
+        OpenConnection(self.connections.open.clone())
+    }
+
+    pub fn connection_unserved(&self, why: Unserved) {
+        self.connections.unserved[why as usize].inc();
     }
 
     /// Lets the scrape read the recording pipeline, the pool and the permission caches.

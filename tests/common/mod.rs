@@ -275,6 +275,32 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
     scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
 }
 
+/// Waits (up to 5 s) for the sample `series` on the admin listener to reach `value`; returns it.
+pub async fn at_least(admin: std::net::SocketAddr, series: &str, value: f64) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = sample(&http_get(admin, "/metrics").await.1, series);
+        if now >= value {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, waiting for {value}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (up to 5 s) for the sample `series` on the admin listener to fall to `value`.
+pub async fn at_most(admin: std::net::SocketAddr, series: &str, value: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = sample(&http_get(admin, "/metrics").await.1, series);
+        if now <= value {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, waiting for {value}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A sidecar in front of `upstream` that records into `database_url` (migrated at
 /// start-up) and spills to `spill_dir`; otherwise as `Config::local` leaves it.
 pub fn recording_config(upstream: SocketAddr, database_url: &str, spill_dir: &std::path::Path) -> Config {

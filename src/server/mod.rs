@@ -1,5 +1,7 @@
 //! Binding the listeners, accepting connections, and draining on shutdown.
 
+mod preface;
+
 use std::io;
 
 use anyhow::Context;
@@ -8,8 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -17,10 +20,10 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::auth::authority::Authority;
 use crate::config::{Config, ListenerLimits};
-use crate::proxy::Proxy;
+use crate::proxy::{PeerService, Proxy};
 use crate::record::Recorder;
 use crate::settings::Settings;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{Telemetry, Unserved};
 use crate::tls::ServerTls;
 
 /// A started sidecar. Dropping it leaves it running; call [`Running::shutdown`] to drain.
@@ -50,12 +53,19 @@ pub async fn start(
     let proxy = Proxy::new(&config, recorder, telemetry.clone(), settings, auth);
     let (shutdown, stop) = watch::channel(false);
     let draining = Arc::new(AtomicBool::new(false));
-    let admin =
-        tokio::spawn(admin::serve(admin_listener, proxy.upstream().clone(), telemetry, draining.clone(), stop.clone()));
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        proxy.upstream().clone(),
+        telemetry.clone(),
+        draining.clone(),
+        stop.clone(),
+    ));
     if let Some(tls) = &tls {
         tls.clone().watch(config.tls.tls_reload_interval, stop.clone());
     }
-    let grpc = tokio::spawn(serve_grpc(listener, proxy, tls, config.limits.clone(), stop, config.drain_timeout));
+    telemetry.metrics.connections_limited_to(config.limits.max_connections);
+    let grpc =
+        tokio::spawn(serve_grpc(listener, proxy, telemetry, tls, config.limits.clone(), stop, config.drain_timeout));
     Ok(Running { listen_addr, admin_addr, shutdown, draining, grpc, admin })
 }
 
@@ -102,18 +112,16 @@ fn client_transport(config: &Config) -> anyhow::Result<Option<Arc<ServerTls>>> {
     Ok(tls)
 }
 
-/// Longest a client may take to finish its TLS handshake before its connection is closed.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 async fn serve_grpc(
     listener: TcpListener,
     proxy: Proxy,
+    telemetry: Arc<Telemetry>,
     tls: Option<Arc<ServerTls>>,
     limits: ListenerLimits,
     mut stop: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
         // Large inserts need big windows to stream at loopback speed. Frames of 256 KiB
@@ -169,24 +177,31 @@ async fn serve_grpc(
         let watcher = graceful.watcher();
         let http2 = http2.clone();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+        let handshake_timeout = limits.handshake_timeout;
+        let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let served = match acceptor {
-                None => watcher.watch(http2.serve_connection(TokioIo::new(stream), service)).await,
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => watcher.watch(http2.serve_connection(TokioIo::new(stream), service)).await,
-                    Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%peer, "TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}; closed");
-                        return;
-                    }
-                },
+            let _open = telemetry.metrics.connection_opened();
+            let deadline = tokio::time::Instant::now() + handshake_timeout;
+            let client = Client { peer, deadline, http2: &http2, service, watcher, telemetry: &telemetry };
+            let Some(acceptor) = acceptor else {
+                return client.serve(stream).await;
             };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => client.serve(stream).await,
+                // Gone without a word, as a TCP health check or a port scan goes.
+                Ok(Err(e)) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => {
+                    telemetry.metrics.connection_unserved(Unserved::Closed);
+                    tracing::debug!(%peer, error = %e, "client connection closed during the TLS handshake");
+                }
+                Ok(Err(e)) => {
+                    telemetry.metrics.connection_unserved(Unserved::TlsRefused);
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                }
+                Err(_) => {
+                    telemetry.metrics.connection_unserved(Unserved::HandshakeTimeout);
+                    tracing::info!(%peer, "TLS handshake not finished within --handshake-timeout; closed");
+                }
             }
         });
     }
@@ -195,5 +210,46 @@ async fn serve_grpc(
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all in-flight calls finished"),
         _ = tokio::time::sleep(drain_timeout) => tracing::warn!(?drain_timeout, "drain timeout reached; cutting the remaining calls"),
+    }
+}
+
+/// One accepted client connection.
+struct Client<'a> {
+    peer: SocketAddr,
+    /// When its TLS handshake (if any) and its HTTP/2 preface must be done.
+    deadline: tokio::time::Instant,
+    http2: &'a http2::Builder<TokioExecutor>,
+    service: PeerService,
+    watcher: Watcher,
+    telemetry: &'a Telemetry,
+}
+
+impl Client<'_> {
+    /// Serves the connection, its TLS (if any) done: the HTTP/2 preface by the deadline,
+    /// then its calls until it closes.
+    async fn serve<S>(self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = self.peer;
+        let unserved = |why| self.telemetry.metrics.connection_unserved(why);
+        let stream = match tokio::time::timeout_at(self.deadline, preface::read(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(preface::NotHttp2::Closed | preface::NotHttp2::Io(_))) => {
+                unserved(Unserved::Closed);
+                return tracing::debug!(%peer, "client connection closed before its HTTP/2 preface");
+            }
+            Ok(Err(e)) => {
+                unserved(Unserved::NotHttp2);
+                return tracing::info!(%peer, "{e}; closed");
+            }
+            Err(_) => {
+                unserved(Unserved::HandshakeTimeout);
+                return tracing::info!(%peer, "no HTTP/2 preface within --handshake-timeout; closed");
+            }
+        };
+        if let Err(e) = self.watcher.watch(self.http2.serve_connection(TokioIo::new(stream), self.service)).await {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
     }
 }
