@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::certs::{Ca, Leaf, temp_dir, write};
 use common::fake::FakeUpstream;
-use common::{RawCodec, Sidecar, at_least, path};
+use common::{RawCodec, Sidecar, at_least, http_get, path, sample};
 use milvus_sidecar::config::Config;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -146,8 +146,8 @@ async fn a_tls_client_that_sends_no_preface_is_closed_at_the_handshake_timeout()
     let echoed = echo_over_tls(sidecar.addr(), Some(&ca.pem), None).await.expect("a TLS client that speaks is served");
     assert_eq!(&echoed[..], b"\x0a\x02hi");
     assert_eq!(at_least(admin, &unserved("handshake_timeout"), 1.0).await, 1.0);
-    let scrape = common::http_get(admin, "/metrics").await.1;
-    assert_eq!(common::sample(&scrape, &unserved("tls_refused")), 0.0, "{scrape}");
+    let scrape = http_get(admin, "/metrics").await.1;
+    assert_eq!(sample(&scrape, &unserved("tls_refused")), 0.0, "{scrape}");
 }
 
 #[tokio::test]

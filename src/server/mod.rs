@@ -177,12 +177,11 @@ async fn serve_grpc(
         let watcher = graceful.watcher();
         let http2 = http2.clone();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
-        let handshake_timeout = limits.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
         let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = telemetry.metrics.connection_opened();
-            let deadline = tokio::time::Instant::now() + handshake_timeout;
             let client = Client { peer, deadline, http2: &http2, service, watcher, telemetry: &telemetry };
             let Some(acceptor) = acceptor else {
                 return client.serve(stream).await;

@@ -277,26 +277,22 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
 
 /// Waits (up to 5 s) for the sample `series` on the admin listener to reach `value`; returns it.
 pub async fn at_least(admin: std::net::SocketAddr, series: &str, value: f64) -> f64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = sample(&http_get(admin, "/metrics").await.1, series);
-        if now >= value {
-            return now;
-        }
-        assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, waiting for {value}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sample_until(admin, series, |now| now >= value, &format!("waiting for {value}")).await
 }
 
 /// Waits (up to 5 s) for the sample `series` on the admin listener to fall to `value`.
 pub async fn at_most(admin: std::net::SocketAddr, series: &str, value: f64) {
+    sample_until(admin, series, |now| now <= value, &format!("waiting for it to fall to {value}")).await;
+}
+
+async fn sample_until(admin: std::net::SocketAddr, series: &str, done: impl Fn(f64) -> bool, what: &str) -> f64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let now = sample(&http_get(admin, "/metrics").await.1, series);
-        if now <= value {
-            return;
+        if done(now) {
+            return now;
         }
-        assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, waiting for {value}");
+        assert!(std::time::Instant::now() < deadline, "{series} still {now} after 5 s, {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
