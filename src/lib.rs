@@ -10,6 +10,7 @@ pub mod config;
 pub mod facts;
 pub mod milvus;
 pub mod proxy;
+pub mod readiness;
 pub mod record;
 mod server;
 pub mod settings;

@@ -823,3 +823,27 @@ async fn no_password_reaches_the_log_at_debug_level_or_any_row() {
     let audited = db.count("SELECT count(*) FROM audit_logs WHERE grpc_code = 16").await;
     assert_eq!(audited, 10, "five bad credentials, two calls each");
 }
+
+/// Load balancers and Kubernetes' `grpc` probes send no credentials: the health service is
+/// answered without them, while every Milvus method still needs them, and probes leave no
+/// rows in the log tables.
+#[tokio::test]
+async fn the_grpc_health_check_needs_no_credentials_and_leaves_no_record() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let s = setup().await;
+    let mut health = common::health_client(s.app.running.listen_addr).await;
+    for _ in 0..3 {
+        let reply = health.check(HealthCheckRequest { service: String::new() }).await.expect("no credential needed");
+        assert_eq!(reply.into_inner().status(), ServingStatus::Serving);
+    }
+    let refused = call(&s, "Search", None, search("docs")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "Milvus methods still need a credential");
+    s.app.shutdown().await;
+
+    assert_eq!(s.db.count("SELECT count(*) FROM audit_logs").await, 1, "only the refused Search is audited");
+    assert_eq!(s.db.count("SELECT count(*) FROM audit_logs WHERE grpc_code = 16").await, 1);
+    let logged = s.db.count("SELECT count(*) FROM performance_metrics WHERE operation_type ILIKE '%check%'").await;
+    assert_eq!(logged, 0, "health checks are not calls to Milvus");
+}

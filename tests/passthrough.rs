@@ -364,3 +364,54 @@ async fn readyz_follows_the_upstream() {
     let (code, _) = http_get(admin, "/readyz").await;
     assert_eq!(code, 200);
 }
+
+/// The standard health service on the client port, as a load balancer or Kubernetes' `grpc`
+/// probe asks it (tonic-health's client): the sidecar answers it itself, with /readyz's
+/// verdict.
+#[tokio::test]
+async fn the_grpc_health_check_follows_the_upstream() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let addr = unused_addr();
+    let sidecar = Sidecar::start(addr).await;
+    let mut health = common::health_client(sidecar.addr()).await;
+    let check = |service: &str| HealthCheckRequest { service: service.into() };
+
+    let reply = health.check(check("")).await.expect("answered while Milvus is away");
+    assert_eq!(reply.into_inner().status(), ServingStatus::NotServing);
+
+    let upstream = FakeUpstream::start_on(addr).await;
+    // A probe's answer is reused for a second; within a few the check turns.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = health.check(check("")).await.unwrap().into_inner().status();
+        if status == ServingStatus::Serving {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {status:?} 5 s after Milvus came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = health.check(check("milvus.proto.milvus.MilvusService")).await.unwrap();
+    assert_eq!(reply.into_inner().status(), ServingStatus::Serving);
+
+    let unknown = health.check(check("some.other.Service")).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    assert!(unknown.message().contains("some.other.Service"), "{unknown:?}");
+    let watch = health.watch(check("")).await.unwrap_err();
+    assert_eq!(watch.code(), Code::Unimplemented, "clients then treat the server as healthy: {watch:?}");
+
+    // Checks arriving together share a probe: they cannot turn into a flood of calls to Milvus.
+    let probes_before = upstream.count("GetVersion");
+    let burst = (0..50).map(|_| {
+        let mut health = health.clone();
+        async move { health.check(check("")).await.map(|r| r.into_inner().status()) }
+    });
+    for status in futures::future::join_all(burst).await {
+        assert_eq!(status.unwrap(), ServingStatus::Serving);
+    }
+    let probes = upstream.count("GetVersion") - probes_before;
+    assert!(probes <= 2, "50 checks made {probes} probes of Milvus");
+    assert_eq!(upstream.count("Check") + upstream.count("Watch"), 0, "health checks are not forwarded");
+    assert_eq!(sidecar.captured.count("Check"), 0, "nor recorded");
+}

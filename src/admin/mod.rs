@@ -3,7 +3,6 @@
 //! draining; PostgreSQL reported beside it) and `/metrics`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,16 +15,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::proxy::Upstream;
+use crate::readiness::{PROBE_TIMEOUT, Readiness};
 use crate::telemetry::Telemetry;
-
-/// How long `/readyz` waits for the upstream before calling it unready.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn serve(
     listener: TcpListener,
     upstream: Upstream,
     telemetry: Arc<Telemetry>,
-    draining: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -40,7 +37,7 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let state = Admin { upstream: upstream.clone(), telemetry: telemetry.clone(), draining: draining.clone() };
+        let state = Admin { upstream: upstream.clone(), telemetry: telemetry.clone(), readiness: readiness.clone() };
         let service = service_fn(move |req| respond(req, state.clone()));
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -55,7 +52,7 @@ pub async fn serve(
 struct Admin {
     upstream: Upstream,
     telemetry: Arc<Telemetry>,
-    draining: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
 }
 
 async fn respond(req: Request<Incoming>, admin: Admin) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
@@ -83,8 +80,9 @@ const METRICS: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// cached permissions keep serving), and taking every replica out of the Service because
 /// PostgreSQL restarts would turn a recording gap into an outage.
 async fn readiness(admin: &Admin) -> (StatusCode, String) {
-    let draining = admin.draining.load(Ordering::Relaxed);
-    let (upstream, postgres) = tokio::join!(admin.upstream.probe(PROBE_TIMEOUT), async {
+    let draining = admin.readiness.draining();
+    // A fresh probe: whoever asks /readyz wants the state now.
+    let (upstream, postgres) = tokio::join!(admin.readiness.upstream(Duration::ZERO), async {
         match admin.telemetry.metrics.pool() {
             Some(pool) => Some(crate::store::probe(&pool, PROBE_TIMEOUT).await),
             None => None,
@@ -102,7 +100,7 @@ async fn readiness(admin: &Admin) -> (StatusCode, String) {
         StatusCode::SERVICE_UNAVAILABLE
     };
     match upstream {
-        Ok(()) => text.push_str(&format!("upstream: ok (Milvus at {} answers)\n", admin.upstream.name())),
+        Ok(()) => text.push_str(&format!("upstream: ok (Milvus at {} answers)\n", admin.readiness.upstream_name())),
         Err(reason) => text.push_str(&format!("upstream: down ({reason})\n")),
     }
     match postgres {

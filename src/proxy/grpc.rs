@@ -27,6 +27,15 @@ pub fn declared_len(buf: &[u8]) -> Option<usize> {
     Some(u32::from_be_bytes(header) as usize)
 }
 
+/// `message` as one uncompressed length-prefixed message.
+pub fn frame(message: &[u8]) -> Bytes {
+    let mut framed = BytesMut::with_capacity(HEADER_LEN + message.len());
+    framed.extend_from_slice(&[0]);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.freeze()
+}
+
 /// The first message of a gRPC body, decompressed if it was compressed.
 pub fn first_message<'a>(
     body: &'a [u8],

@@ -6,6 +6,7 @@ mod body;
 mod coalesce;
 mod error;
 pub mod grpc;
+mod health;
 mod inspect;
 mod link;
 mod observe;
@@ -19,9 +20,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
 use http::{HeaderName, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -40,6 +41,7 @@ use crate::facts::{CallFacts, Client, Method, Outcome};
 use crate::milvus::access::{self, Access, MethodRule};
 use crate::milvus::headers::{CLIENT_REQUEST_ID, CLIENT_REQUEST_UNIXMSEC, SOURCEID};
 use crate::milvus::{Rpc, views, wire};
+use crate::readiness::Readiness;
 use crate::record::Recorder;
 use crate::settings::Settings;
 use crate::telemetry::Telemetry;
@@ -82,6 +84,7 @@ struct Shared {
     /// None: every call is let through unauthenticated (`--no-auth`).
     auth: Option<Arc<Authority>>,
     max_message_bytes: usize,
+    readiness: Arc<Readiness>,
 }
 
 impl Proxy {
@@ -91,20 +94,28 @@ impl Proxy {
         telemetry: Arc<Telemetry>,
         settings: Arc<Settings>,
         auth: Option<Arc<Authority>>,
+        draining: Arc<AtomicBool>,
     ) -> Self {
+        let upstream = Upstream::new(config);
+        let readiness = Arc::new(Readiness::new(upstream.clone(), draining));
         let shared = Shared {
-            upstream: Upstream::new(config),
+            upstream,
             recorder,
             telemetry,
             settings,
             auth,
             max_message_bytes: config.max_message_bytes,
+            readiness,
         };
         Proxy { shared: Arc::new(shared) }
     }
 
     pub fn upstream(&self) -> &Upstream {
         &self.shared.upstream
+    }
+
+    pub fn readiness(&self) -> &Arc<Readiness> {
+        &self.shared.readiness
     }
 
     /// The service for one client connection.
@@ -135,6 +146,9 @@ impl Shared {
     /// identify -> read what is needed -> authorize -> forward -> observe.
     async fn handle(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        if request.uri().path().starts_with(health::SERVICE_PATH) {
+            return health::answer(request, &self.readiness, started).await;
+        }
         let (mut parts, body) = request.into_parts();
         prepare_for_upstream(&mut parts.headers);
         let method = Method::from_path(parts.uri.path());
@@ -336,13 +350,8 @@ impl Shared {
                 rewrite::filter_show_collections(&msg, |name| Authority::may_read(principal, &grants, &database, name))
             });
         let body = match rewritten {
-            Some(message) => {
-                let mut framed = Vec::with_capacity(message.len() + grpc::HEADER_LEN);
-                framed.push(0); // re-sent uncompressed; the grpc-encoding header goes
-                framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-                framed.extend_from_slice(&message);
-                Bytes::from(framed)
-            }
+            // Re-sent uncompressed; the grpc-encoding header goes.
+            Some(message) => grpc::frame(&message),
             // An empty or unreadable reply (an error status) passes as it came.
             None => bytes,
         };

@@ -50,14 +50,14 @@ pub async fn start(
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let proxy = Proxy::new(&config, recorder, telemetry.clone(), settings, auth);
-    let (shutdown, stop) = watch::channel(false);
     let draining = Arc::new(AtomicBool::new(false));
+    let proxy = Proxy::new(&config, recorder, telemetry.clone(), settings, auth, draining.clone());
+    let (shutdown, stop) = watch::channel(false);
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         proxy.upstream().clone(),
         telemetry.clone(),
-        draining.clone(),
+        proxy.readiness().clone(),
         stop.clone(),
     ));
     if let Some(tls) = &tls {

@@ -18,6 +18,7 @@ use crate::config::TelemetryArgs;
 use crate::facts::CallFacts;
 use crate::milvus::access;
 use crate::proxy::Upstream;
+use crate::readiness::PROBE_TIMEOUT;
 use crate::record::{PgRecorder, Stats};
 use crate::store::Pool;
 use crate::store::maintenance::MaintenanceStats;
@@ -139,9 +140,6 @@ const LATENCY_BUCKETS: &[f64] =
 /// Label of the calls on methods this build does not know, and on collections without a
 /// label of their own: bounded, whatever clients send.
 const OTHER: &str = "other";
-
-/// How long a scrape waits for PostgreSQL or the upstream before reporting it down.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Metrics {
     /// The gauge of calls in progress (`milvus_sidecar_inflight_calls`).

@@ -128,6 +128,12 @@ impl RawClient {
     }
 }
 
+/// A client of the standard gRPC health service (what load balancers and probes use).
+pub async fn health_client(addr: SocketAddr) -> tonic_health::pb::health_client::HealthClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+}
+
 pub fn path(method: &str) -> http::uri::PathAndQuery {
     format!("{SERVICE}{method}").parse().unwrap()
 }
