@@ -137,6 +137,11 @@ impl hyper::service::Service<Request<Incoming>> for PeerService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let shared = self.shared.clone();
+        // A future of its own, so that `handle`'s, which every call moves several times,
+        // does not carry a health check's state.
+        if request.uri().path().starts_with(health::SERVICE_PATH) {
+            return Box::pin(async move { Ok(health::answer(request, &shared.readiness, Instant::now()).await) });
+        }
         let peer = self.peer;
         Box::pin(async move { Ok(shared.handle(peer, request).await) })
     }
@@ -146,9 +151,6 @@ impl Shared {
     /// identify -> read what is needed -> authorize -> forward -> observe.
     async fn handle(&self, peer: SocketAddr, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        if request.uri().path().starts_with(health::SERVICE_PATH) {
-            return health::answer(request, &self.readiness, started).await;
-        }
         let (mut parts, body) = request.into_parts();
         prepare_for_upstream(&mut parts.headers);
         let method = Method::from_path(parts.uri.path());
