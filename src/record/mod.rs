@@ -280,3 +280,70 @@ pub struct NoRecorder;
 impl Recorder for NoRecorder {
     fn record(&self, _: CallFacts) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::facts::{Method, Outcome, ReplyDetail, RequestDetail, RequestFacts};
+
+    /// A recorder whose queue nobody drains: what a writer that cannot keep up leaves.
+    fn undrained(capacity: usize, max_bytes: usize) -> (PgRecorder, mpsc::Receiver<Queued>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        (PgRecorder { queue, stats: Arc::new(Stats::default()), durable: false, max_bytes }, rx)
+    }
+
+    fn query(filter_bytes: usize) -> CallFacts {
+        CallFacts {
+            id: crate::facts::call_id(SystemTime::now()),
+            started_at: SystemTime::now(),
+            duration: Duration::from_millis(1),
+            method: Method::from_path("/milvus.proto.milvus.MilvusService/Query"),
+            database: "default".into(),
+            request: RequestFacts {
+                collection: Some("docs".into()),
+                detail: RequestDetail::Query { filter: "x".repeat(filter_bytes), output_fields: vec![], limit: None },
+                ..RequestFacts::default()
+            },
+            reply: ReplyDetail::Rows(0),
+            outcome: Outcome::default(),
+            request_bytes: 0,
+            reply_bytes: 0,
+            client: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_what_it_cannot_take() {
+        let (recorder, rx) = undrained(8, 64 << 20);
+        for _ in 0..20 {
+            recorder.record(query(10));
+        }
+        assert_eq!(rx.len(), 8, "the queue takes its capacity");
+        assert_eq!(recorder.stats.records_dropped.load(Ordering::Relaxed), 12, "and counts the rest as lost");
+        let held: usize = 8 * query(10).footprint();
+        assert_eq!(recorder.queue_bytes(), held, "a dropped record's bytes are not counted as held");
+    }
+
+    #[test]
+    fn a_queue_at_its_bytes_drops_and_counts_the_rest_however_few_records_it_holds() {
+        const FILTER: usize = 32 * 1024;
+        const CAP: usize = 256 * 1024;
+        let (recorder, rx) = undrained(1024, CAP);
+        for _ in 0..20 {
+            recorder.record(query(FILTER));
+        }
+        let footprint = query(FILTER).footprint();
+        assert_eq!(rx.len(), CAP / footprint, "as many records as fit in {CAP} bytes");
+        assert_eq!(recorder.stats.records_dropped.load(Ordering::Relaxed), (20 - CAP / footprint) as u64);
+        assert!(recorder.queue_bytes() <= CAP);
+
+        // A record larger than the cap by itself is still taken into an empty queue.
+        let (recorder, rx) = undrained(8, 1024);
+        recorder.record(query(FILTER));
+        assert_eq!(rx.len(), 1);
+        recorder.record(query(10));
+        assert_eq!(recorder.stats.records_dropped.load(Ordering::Relaxed), 1, "but nothing after it");
+    }
+}

@@ -49,6 +49,9 @@ const RETRY_CHECKOUT_TIMEOUT: Duration = Duration::from_millis(250);
 const SLOW_BATCH: Duration = Duration::from_millis(100);
 const STAY_NORMAL: Duration = Duration::from_secs(10);
 
+/// How often a batch in progress looks at the queue behind it (see [`Crowding`]).
+const CROWDING_CHECK: Duration = Duration::from_millis(10);
+
 pub struct Writer {
     pub pool: Pool,
     pub settings: Arc<Settings>,
@@ -87,6 +90,29 @@ pub struct Writer {
 struct Backlog {
     records: usize,
     bytes: usize,
+}
+
+/// The queue behind a batch in progress. A writer held inside a batch (a lock held
+/// elsewhere, a PostgreSQL gone slow) takes nothing from the queue while calls go on adding
+/// to it; were it to wait out `--write-timeout`, a busy sidecar's queue would fill and drop
+/// records that the spill file could have kept.
+struct Crowding<'a> {
+    queue: &'a mpsc::Receiver<Queued>,
+    stats: Arc<Stats>,
+    half: Backlog,
+}
+
+impl Crowding<'_> {
+    /// Resolves once the queue holds more than half its records or bytes.
+    async fn past_half(&self) {
+        loop {
+            tokio::time::sleep(CROWDING_CHECK).await;
+            let bytes = self.stats.queued_bytes.load(Ordering::Relaxed);
+            if self.queue.len() > self.half.records || bytes > self.half.bytes {
+                return;
+            }
+        }
+    }
 }
 
 enum WriteError {
@@ -147,7 +173,8 @@ impl Writer {
                 self.stats.queued_bytes.fetch_sub(self.pending_bytes, Ordering::Relaxed);
                 let more = left > 0 && !queue.is_empty();
                 let state = if finishing { Backlog { records: 0, bytes: 0 } } else { backlog };
-                self.flush(&mut pending, state, !more).await;
+                let crowding = Crowding { queue: &queue, stats: self.stats.clone(), half: self.half() };
+                self.flush(&mut pending, state, !more, &crowding).await;
                 // Written, spilled or rejected: a flush leaves no record pending.
                 self.pending_bytes = 0;
                 if !more {
@@ -207,6 +234,11 @@ impl Writer {
         backlog.records > self.queue_capacity / part || backlog.bytes > self.queue_max_bytes / part
     }
 
+    /// Half the queue: past it, the writer is falling behind.
+    fn half(&self) -> Backlog {
+        Backlog { records: self.queue_capacity / 2, bytes: self.queue_max_bytes / 2 }
+    }
+
     /// Tells the callers of the pending batch whether its records are durable now; those
     /// not told (dropped senders) learn that they were lost.
     fn settle(&mut self, durable: bool) {
@@ -222,7 +254,7 @@ impl Writer {
     /// far cheaper than a transaction, so the queue never fills while the disk has room;
     /// they are written to PostgreSQL, in order, as it catches up: after the `last` batch
     /// of a round.
-    async fn flush(&mut self, pending: &mut Vec<Record>, backlog: Backlog, last: bool) {
+    async fn flush(&mut self, pending: &mut Vec<Record>, backlog: Backlog, last: bool, crowding: &Crowding<'_>) {
         let behind = self.past(backlog, 2);
         if self.spill.waiting() > 0 || behind {
             // Older records wait on disk: newer ones queue behind them to keep the order.
@@ -239,14 +271,14 @@ impl Writer {
             }
             // While behind, one batch per round, so the queue keeps draining.
             if last {
-                self.replay(if behind { 1 } else { usize::MAX }).await;
+                self.replay(if behind { 1 } else { usize::MAX }, crowding).await;
             }
             return;
         }
         if pending.is_empty() {
             return;
         }
-        match self.write(pending, false).await {
+        match self.write(pending, false, crowding).await {
             Ok(rows) => {
                 self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
                 self.stats.batches_written.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +347,7 @@ impl Writer {
 
     /// Replays up to `batches` batches of spilled records, oldest first, stopping early when
     /// none are left or PostgreSQL fails again.
-    async fn replay(&mut self, batches: usize) {
+    async fn replay(&mut self, batches: usize, crowding: &Crowding<'_>) {
         if Instant::now() < self.retry_at {
             return;
         }
@@ -335,7 +367,7 @@ impl Writer {
                 let _ = self.spill.advance(offset, 0).await;
                 return;
             }
-            match self.write(&chunk, true).await {
+            match self.write(&chunk, true, crowding).await {
                 Ok(rows) => {
                     self.stats.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
                     self.stats.records_replayed.fetch_add(count as u64, Ordering::Relaxed);
@@ -361,8 +393,8 @@ impl Writer {
 
     /// One transaction: mirror changes in call order, then the log rows by COPY.
     /// Writes `records` in one transaction; `replay`: they may have been written before.
-    async fn write(&mut self, records: &[Record], replay: bool) -> Result<usize, WriteError> {
-        let result = self.try_write(records, replay).await;
+    async fn write(&mut self, records: &[Record], replay: bool, crowding: &Crowding<'_>) -> Result<usize, WriteError> {
+        let result = self.try_write(records, replay, crowding).await;
         if result.is_err() {
             // The transaction rolled back: ids learned inside it may not exist.
             self.catalog.clear();
@@ -372,6 +404,9 @@ impl Writer {
             Failure::NoAnswer { step, after } => {
                 WriteError::Transient(format!("PostgreSQL did not finish {step} within {after:?}"))
             }
+            Failure::Overtaken { after } => WriteError::Transient(format!(
+                "PostgreSQL had not finished the batch after {after:?}, and the calls made meanwhile filled half the record queue"
+            )),
             Failure::Db(e) if is_transient(&e) => WriteError::Transient(crate::error_chain(&e)),
             Failure::Db(e) => WriteError::Rejected(crate::error_chain(&e)),
             Failure::Encode(reason) => WriteError::Rejected(reason),
@@ -385,15 +420,15 @@ impl Writer {
         self.past(backlog, part) || self.spill.waiting() > 0 || Instant::now() < self.normal_until
     }
 
-    async fn try_write(&mut self, records: &[Record], replay: bool) -> Result<usize, Failure> {
+    async fn try_write(&mut self, records: &[Record], replay: bool, crowding: &Crowding<'_>) -> Result<usize, Failure> {
         let patience = if self.spill.waiting() > 0 { RETRY_CHECKOUT_TIMEOUT } else { CHECKOUT_TIMEOUT };
         let mut conn = match tokio::time::timeout(patience, open_connection(&self.pool)).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(bb8::RunError::User(e))) => return Err(Failure::Db(e)),
             Ok(Err(bb8::RunError::TimedOut)) | Err(_) => return Err(Failure::NoConnection),
         };
-        let written = self.transact(&mut conn, records, replay, patience).await;
-        if let Err(Failure::NoAnswer { .. }) = written {
+        let written = self.transact(&mut conn, records, replay, patience, crowding).await;
+        if let Err(Failure::NoAnswer { .. } | Failure::Overtaken { .. }) = written {
             // Pooled again, it would hold up the next batch in turn (until TCP gives up on
             // it, which may take many seconds): closed instead.
             conn.abandon();
@@ -408,6 +443,7 @@ impl Writer {
         records: &[Record],
         replay: bool,
         patience: Duration,
+        crowding: &Crowding<'_>,
     ) -> Result<usize, Failure> {
         // The pool no longer tests a connection by a query, which this patience bounded: one
         // gone silent (a network lost without a reset) would hold the writer at BEGIN, so
@@ -441,13 +477,23 @@ impl Writer {
         };
         // PostgreSQL's statement_timeout cannot end a wait for a server or network gone
         // silent after BEGIN: the batch gets the same bound, and a little more, from here.
-        // Whether it committed is then unknown; the spill file's replay skips the rows that
-        // did arrive.
-        if self.write_timeout.is_zero() {
-            return work.await;
+        // And a batch that is still going when the calls made meanwhile fill half the queue
+        // is given up at once: the writer is falling behind, and the queue must drain to the
+        // spill file before it fills and drops records. Either way, whether the batch
+        // committed is then unknown; the spill file's replay skips the rows that did arrive.
+        let started = Instant::now();
+        let bound = (!self.write_timeout.is_zero()).then(|| self.write_timeout + patience);
+        let timeout = async {
+            match bound {
+                Some(bound) => tokio::time::sleep(bound).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            written = work => written,
+            () = timeout => Err(Failure::NoAnswer { step: "the batch", after: bound.unwrap_or_default() }),
+            () = crowding.past_half() => Err(Failure::Overtaken { after: started.elapsed() }),
         }
-        let bound = self.write_timeout + patience;
-        tokio::time::timeout(bound, work).await.unwrap_or(Err(Failure::NoAnswer { step: "the batch", after: bound }))
     }
 }
 
@@ -524,6 +570,10 @@ enum Failure {
     /// PostgreSQL did not finish `step` of the batch within `after`.
     NoAnswer {
         step: &'static str,
+        after: Duration,
+    },
+    /// The batch was still going after `after`, when the queue behind it passed half.
+    Overtaken {
         after: Duration,
     },
     /// A row holds a value PostgreSQL's binary form cannot.
