@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::fake::{FAILURE_DETAILS, FakeUpstream};
-use common::{Sidecar, encode, http_get, unused_addr};
+use common::{Sidecar, encode, http_get, sample, unused_addr};
 use milvus::proto::common::{KeyValuePair, Status as MilvusStatus};
 use milvus::proto::milvus::{InsertRequest, MutationResult, SearchRequest, SearchResults, search_request};
 use milvus::proto::schema::{FieldData, FloatArray, SearchResultData, VectorField, field_data, vector_field};
@@ -384,7 +384,9 @@ async fn the_grpc_health_check_follows_the_upstream() {
     let upstream = FakeUpstream::start_on(addr).await;
     // A probe's answer is reused for a second; within a few the check turns.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut serving_polls = 0;
     loop {
+        serving_polls += 1;
         let status = health.check(check("")).await.unwrap().into_inner().status();
         if status == ServingStatus::Serving {
             break;
@@ -414,4 +416,13 @@ async fn the_grpc_health_check_follows_the_upstream() {
     assert!(probes <= 2, "50 checks made {probes} probes of Milvus");
     assert_eq!(upstream.count("Check") + upstream.count("Watch"), 0, "health checks are not forwarded");
     assert_eq!(sidecar.captured.count("Check"), 0, "nor recorded");
+
+    // Counted by answer, apart from calls.
+    let (_, scrape) = http_get(sidecar.running.admin_addr, "/metrics").await;
+    let answered =
+        |answer: &str| sample(&scrape, &format!("milvus_sidecar_health_checks_total{{answer=\"{answer}\"}}"));
+    assert_eq!(answered("not_serving") + answered("serving"), 2.0 + serving_polls as f64 + 50.0, "{scrape}");
+    assert!(answered("not_serving") >= 1.0, "{scrape}");
+    assert_eq!(answered("refused"), 2.0, "the unknown service and Watch");
+    assert!(!scrape.contains("method=\"Check\""), "{scrape}");
 }

@@ -26,6 +26,7 @@ EXPORTED_METRICS = {
     "milvus_sidecar_client_connections",
     "milvus_sidecar_client_connections_limit",
     "milvus_sidecar_client_connections_unserved_total",
+    "milvus_sidecar_health_checks_total",
     "milvus_sidecar_collection_calls_total",
     "milvus_sidecar_auth_decisions_total",
     "milvus_sidecar_auth_cache_lookups_total",

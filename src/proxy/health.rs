@@ -15,6 +15,7 @@ use tonic::Status;
 use super::Body;
 use super::grpc::{self, MessageError};
 use crate::readiness::Readiness;
+use crate::telemetry::{HealthAnswer, Metrics};
 
 pub const SERVICE_PATH: &str = "/grpc.health.v1.Health/";
 
@@ -49,7 +50,12 @@ const SERVING: i32 = 1;
 const NOT_SERVING: i32 = 2;
 
 /// Answers a call whose path starts with [`SERVICE_PATH`].
-pub async fn answer(request: Request<Incoming>, readiness: &Readiness, started: Instant) -> Response<Body> {
+pub async fn answer(
+    request: Request<Incoming>,
+    readiness: &Readiness,
+    metrics: &Metrics,
+    started: Instant,
+) -> Response<Body> {
     let verdict = match request.uri().path().strip_prefix(SERVICE_PATH) {
         Some("Check") => check(request, readiness, started).await,
         // The health-checking protocol has clients treat UNIMPLEMENTED on Watch as "no
@@ -62,8 +68,12 @@ pub async fn answer(request: Request<Incoming>, readiness: &Readiness, started: 
         }
     };
     match verdict {
-        Ok(status) => serving_status(status),
+        Ok(status) => {
+            metrics.health_checked(if status == SERVING { HealthAnswer::Serving } else { HealthAnswer::NotServing });
+            serving_status(status)
+        }
         Err(refusal) => {
+            metrics.health_checked(HealthAnswer::Refused);
             tracing::debug!(code = ?refusal.code(), message = refusal.message(), "health check refused");
             refusal.into_http()
         }

@@ -140,7 +140,10 @@ impl hyper::service::Service<Request<Incoming>> for PeerService {
         // A future of its own, so that `handle`'s, which every call moves several times,
         // does not carry a health check's state.
         if request.uri().path().starts_with(health::SERVICE_PATH) {
-            return Box::pin(async move { Ok(health::answer(request, &shared.readiness, Instant::now()).await) });
+            return Box::pin(async move {
+                let metrics = &shared.telemetry.metrics;
+                Ok(health::answer(request, &shared.readiness, metrics, Instant::now()).await)
+            });
         }
         let peer = self.peer;
         Box::pin(async move { Ok(shared.handle(peer, request).await) })

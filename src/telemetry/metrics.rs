@@ -64,11 +64,24 @@ pub enum Unserved {
 
 const UNSERVED: [&str; 4] = ["closed", "tls_refused", "handshake_timeout", "not_http2"];
 
+/// What a gRPC health check on the client listener was told (the `answer` label of
+/// `milvus_sidecar_health_checks_total`).
+#[derive(Clone, Copy, Debug)]
+pub enum HealthAnswer {
+    Serving = 0,
+    NotServing = 1,
+    /// An error status: an unknown service, `Watch`, a malformed request.
+    Refused = 2,
+}
+
+const HEALTH_ANSWERS: [&str; 3] = ["serving", "not_serving", "refused"];
+
 /// The client connections' series.
 struct ConnectionSeries {
     open: IntGauge,
     limit: IntGauge,
     unserved: [IntCounter; 4],
+    health_checks: [IntCounter; 3],
 }
 
 /// A client connection, counted as open until dropped.
@@ -177,6 +190,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "milvus_sidecar_health_checks_total",
+                "gRPC health checks (grpc.health.v1.Health) answered on the client listener, by answer",
+            ),
+            &["answer"],
+        )
+        .expect("valid metric");
         let connections = ConnectionSeries {
             open: IntGauge::new("milvus_sidecar_client_connections", "Client connections open").expect("valid metric"),
             limit: IntGauge::new(
@@ -185,6 +206,7 @@ impl Metrics {
             )
             .expect("valid metric"),
             unserved: UNSERVED.map(|reason| unserved.with_label_values(&[reason])),
+            health_checks: HEALTH_ANSWERS.map(|answer| health_checks.with_label_values(&[answer])),
         };
         let build_info = IntGaugeVec::new(Opts::new("milvus_sidecar_build_info", "The running build"), &["version"])
             .expect("valid metric");
@@ -199,6 +221,7 @@ impl Metrics {
             Box::new(connections.open.clone()),
             Box::new(connections.limit.clone()),
             Box::new(unserved),
+            Box::new(health_checks),
             Box::new(collections.calls.clone()),
             Box::new(pulled.auth_decisions.clone()),
             Box::new(pulled.auth_cache.clone()),
@@ -251,6 +274,10 @@ impl Metrics {
 
     pub fn connection_unserved(&self, why: Unserved) {
         self.connections.unserved[why as usize].inc();
+    }
+
+    pub fn health_checked(&self, answer: HealthAnswer) {
+        self.connections.health_checks[answer as usize].inc();
     }
 
     /// Lets the scrape read the recording pipeline, the pool and the permission caches.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::config::TelemetryArgs;
 use crate::facts::CallFacts;
 
-pub use metrics::{Metrics, Sources, Unserved};
+pub use metrics::{HealthAnswer, Metrics, Sources, Unserved};
 
 pub struct Telemetry {
     pub metrics: Metrics,
