@@ -1,6 +1,7 @@
 //! Whether the sidecar should be sent calls: not while it drains for shutdown, nor while the
 //! upstream Milvus does not answer. `/readyz` on the admin listener and the gRPC health
-//! service on the client listener both ask here, so the two never disagree.
+//! service on the client listener both ask here, so the two decide alike (the health
+//! service on a probe up to a second old, `/readyz` on a fresh one).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
